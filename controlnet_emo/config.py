@@ -1,0 +1,386 @@
+"""Typed run configuration: YAML recipe + ``--set dotted.key=value`` overrides.
+
+Every value is checked against the dataclass field types and ranges *before* any model loads,
+so a typo in a 10-hour recipe fails in the first second with the offending key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_VERSION = 1
+CONDITION_NAMES = ("flame", "depth", "skeleton")
+# diffusers.optimization.SchedulerType values (kept here so validation needs no heavy import)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "piecewise_constant")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+@dataclass
+class ControlNetConfig:
+    mode: Literal["stacked", "multi"] = "stacked"
+    """stacked: one ControlNet with 3 hint channels per condition; multi: one 3-channel net each."""
+    init: str = "from_unet"
+    """from_unet (copy the UNet encoder, as the ControlNet paper does) or a path to a ControlNet."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny"
+    """Hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (random, tests)."""
+    revision: str | None = None
+    variant: str | None = None
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    unet_trainable: Literal["none", "attention", "up_blocks", "lora"] = "none"
+    lora_rank: int = 8
+    emonet: str = "random"
+    """Path to emonet_8.pth / emonet_5.pth, or 'random' (demo and tests only)."""
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_backbone: str = "pretrained"
+    """pretrained (torchvision cache), random (tests only), or a path to the backbone weights."""
+    decoder: str = "vae"
+    """vae, taesd, or a path to a TAESD (AutoencoderTiny) folder."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/demo/data"
+    resolution: int = 512
+    max_samples: int | None = None
+    balance_classes: bool = True
+    caption_template: str = "a photo of a {expression} face"
+    condition_dropout: float = 0.1
+    """Per-condition probability of zeroing a map, so inference works with any subset."""
+    caption_dropout: float = 0.0
+    num_workers: int = 2
+    cache_latents: bool = False
+    hflip: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass
+class DiffusionLossConfig:
+    weight: float = 0.92
+    kind: Literal["l1", "l2"] = "l1"
+    snr_gamma: float | None = 0.8
+
+
+@dataclass
+class WeightConfig:
+    weight: float = 0.0
+
+
+@dataclass
+class EmotionLossConfig:
+    valence: float = 0.03
+    arousal: float = 0.03
+    expression: float = 0.02
+    target: Literal["labels", "teacher"] = "labels"
+
+
+@dataclass
+class PixelSelectConfig:
+    max_timestep: int = 1000
+    """Only samples with t < max_timestep pay the decoder (low-noise steps carry the signal)."""
+    samples_per_batch: int | None = None
+    """Fixed count of decoded samples per micro-batch (static shapes); null = every sample."""
+
+
+@dataclass
+class LossConfig:
+    diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    pixel_l1: WeightConfig = field(default_factory=WeightConfig)
+    lpips: WeightConfig = field(default_factory=lambda: WeightConfig(0.08))
+    emotion: EmotionLossConfig = field(default_factory=EmotionLossConfig)
+    pixel: PixelSelectConfig = field(default_factory=PixelSelectConfig)
+
+    @property
+    def needs_decoder(self) -> bool:
+        e = self.emotion
+        return max(self.pixel_l1.weight, self.lpips.weight, e.valence, e.arousal, e.expression) > 0
+
+    def weights(self) -> dict[str, float]:
+        """Flat term -> weight map (what metrics and model metadata report)."""
+        e = self.emotion
+        return {
+            "diffusion": self.diffusion.weight,
+            "pixel_l1": self.pixel_l1.weight,
+            "lpips": self.lpips.weight,
+            "valence": e.valence,
+            "arousal": e.arousal,
+            "expression": e.expression,
+        }
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    total_batch_size: int = 1024
+    """Accumulation = total / (batch_size * processes)."""
+    learning_rate: float = 5.0e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    max_steps: int = 1000
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    gradient_checkpointing: bool = True
+    use_8bit_adam: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None
+    validate_every: int = 250
+    validation_samples: int = 4
+    validation_steps: int = 20
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class PrepareConfig:
+    val_fraction: float = 0.05
+    max_samples: int | None = None
+    balance_classes: bool = False
+    max_size: int = 1024
+    """Originals larger than this (longest side) are downscaled before the maps are made."""
+    min_size: int = 64
+    """Images smaller than this (shortest side) are skipped as too small."""
+    captions: str | None = None
+    """A captions .json/.jsonl; default: captions.json(l) in the raw folder if present."""
+
+
+@dataclass
+class FlameConfig:
+    min_match: float = 0.6
+    """Below this normalised match score a re-canvased render is a reported skip."""
+    crop_scale: float = 1.25
+    """EMOCA's crop rule: square side = crop_scale x the longer side of the face box."""
+    box_threshold: float = 0.8
+    """A crop-rule transform scoring at least this is trusted without registration."""
+
+
+@dataclass
+class DepthConfig:
+    model: str = "Intel/zoedepth-nyu-kitti"
+    """Hub id / local folder of any AutoModelForDepthEstimation, 'precomputed', or 'tiny'."""
+    batch_size: int = 8
+    bits: Literal[8, 16] = 16
+    input_size: int = 512
+    """Images are reflect-padded to a square of this side for the model, so any shapes batch."""
+    allow_download: bool = False
+    """Fetch missing hub weights; off by default so prepare never touches the network."""
+
+
+@dataclass
+class SkeletonConfig:
+    source: Literal["auto", "annotations", "fan"] = "auto"
+    """auto: the annotation's 68 landmarks when present, else face-alignment's 2D FAN."""
+    min_score: float = 0.0
+    """Mean FAN landmark confidence below which the sample is skipped as 'no face'."""
+
+
+@dataclass
+class Config:
+    version: int = CONFIG_VERSION
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    conditions: list[str] = field(default_factory=lambda: list(CONDITION_NAMES))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    skeleton: SkeletonConfig = field(default_factory=SkeletonConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file plus ``key=value`` overrides, then validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML) onto a nested dict."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in data}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Ranges and cross-field rules that types cannot express."""
+    if cfg.version != CONFIG_VERSION:
+        raise ConfigError(f"version: {cfg.version} is not supported (this build reads {CONFIG_VERSION})")
+    if not cfg.conditions:
+        raise ConfigError("conditions: at least one condition is needed")
+    for name in cfg.conditions:
+        if name not in CONDITION_NAMES:
+            raise ConfigError(f"conditions: unknown condition {name!r} (known: {', '.join(CONDITION_NAMES)})")
+    if len(set(cfg.conditions)) != len(cfg.conditions):
+        raise ConfigError("conditions: a condition is listed twice")
+    for key, weight in _weight_keys(cfg).items():
+        if weight < 0:
+            raise ConfigError(f"{key}: weight must be >= 0, got {weight}")
+    if sum(cfg.loss.weights().values()) <= 0:
+        raise ConfigError("loss: every term has weight 0; nothing would be trained")
+    if cfg.loss.diffusion.snr_gamma is not None and cfg.loss.diffusion.snr_gamma <= 0:
+        raise ConfigError("loss.diffusion.snr_gamma: must be > 0 or null")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.total_batch_size": cfg.train.total_batch_size,
+        "train.max_steps": cfg.train.max_steps,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.validate_every": cfg.train.validate_every,
+        "data.resolution": cfg.data.resolution,
+        "model.lora_rank": cfg.model.lora_rank,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.train.total_batch_size % cfg.train.batch_size:
+        raise ConfigError(
+            f"train.total_batch_size: {cfg.train.total_batch_size} is not divisible by "
+            f"train.batch_size {cfg.train.batch_size}"
+        )
+    if cfg.data.resolution % 8:
+        raise ConfigError(f"data.resolution: must be a multiple of 8, got {cfg.data.resolution}")
+    for key in ("data.condition_dropout", "data.caption_dropout", "prepare.val_fraction"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
+    if not 0 < cfg.loss.pixel.max_timestep <= 1000:
+        raise ConfigError("loss.pixel.max_timestep: must be in (0, 1000]")
+    n = cfg.loss.pixel.samples_per_batch
+    if n is not None and not 0 < n <= cfg.train.batch_size:
+        raise ConfigError(f"loss.pixel.samples_per_batch: must be in [1, train.batch_size], got {n}")
+    if cfg.train.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of "
+                          f"{', '.join(LR_SCHEDULERS)}")
+    limit = cfg.train.checkpoints_total_limit
+    if limit is not None and limit < 1:
+        raise ConfigError(f"train.checkpoints_total_limit: must be >= 1 or null, got {limit}")
+    if cfg.train.resume not in (None, "latest") and not Path(cfg.train.resume).is_dir():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not 'latest' or a checkpoint folder")
+
+
+def _weight_keys(cfg: Config) -> dict[str, float]:
+    e = cfg.loss.emotion
+    return {
+        "loss.diffusion.weight": cfg.loss.diffusion.weight,
+        "loss.pixel_l1.weight": cfg.loss.pixel_l1.weight,
+        "loss.lpips.weight": cfg.loss.lpips.weight,
+        "loss.emotion.valence": e.valence,
+        "loss.emotion.arousal": e.arousal,
+        "loss.emotion.expression": e.expression,
+    }
+
+
+def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:
+    """total_batch_size / (batch_size * processes), refusing a total that does not divide."""
+    per_step = cfg.train.batch_size * num_processes
+    if cfg.train.total_batch_size % per_step:
+        raise ConfigError(
+            f"train.total_batch_size: {cfg.train.total_batch_size} is not divisible by "
+            f"batch_size {cfg.train.batch_size} x {num_processes} processes"
+        )
+    return cfg.train.total_batch_size // per_step

@@ -1,0 +1,23 @@
+"""The training batch: named, typed fields instead of a dict of strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (B,3,H,W) target images in [-1,1]
+    conditions: torch.Tensor  # (B,3N,H,W) condition maps in [0,1], conditions order; dropped = 0
+    input_ids: torch.Tensor  # (B,77) CLIP token ids
+    expression: torch.Tensor  # (B,) long, 0..7, -1 = unknown
+    valence: torch.Tensor  # (B,) float, NaN = unknown
+    arousal: torch.Tensor  # (B,) float, NaN = unknown
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]

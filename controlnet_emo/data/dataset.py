@@ -1,0 +1,189 @@
+"""The prepared dataset (metadata.jsonl, HF imagefolder style) and its sample stream.
+
+Randomness here is a pure function of (seed, position in the stream), never of RNG state,
+so a resumed run sees exactly the batches an uninterrupted one would, with any worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from .batch import Batch
+from .transforms import paired_transform
+
+log = logging.getLogger(__name__)
+
+EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+CONDITION_KEYS = {"flame": "flame_file_name", "depth": "depth_file_name",
+                  "skeleton": "skeleton_file_name"}
+
+
+@dataclass(frozen=True)
+class Record:
+    file_name: str
+    maps: dict[str, str]
+    text: str | None
+    expression: int
+    valence: float
+    arousal: float
+    split: str
+
+
+def read_metadata(root: str | Path, split: str | None = None,
+                  conditions: list[str] | tuple[str, ...] = tuple(CONDITION_KEYS)) -> list[Record]:
+    """Parse metadata.jsonl; a malformed line is an error naming the file and line."""
+    path = Path(root) / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metadata.jsonl (run `controlnet-emo prepare` first)")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rec = Record(
+                file_name=row["file_name"],
+                maps={c: row[CONDITION_KEYS[c]] for c in conditions},
+                text=row.get("text") or None,
+                expression=int(row.get("expression", -1)),
+                valence=float(row.get("valence", float("nan"))),
+                arousal=float(row.get("arousal", float("nan"))),
+                split=row.get("split", "train"),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: bad metadata row ({err!r})") from None
+        if split is None or rec.split == split:
+            records.append(rec)
+    return records
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """(3,H,W) float in [0,1]; single-channel maps (depth, 8 or 16 bit) are replicated."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            arr = arr / (65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0)
+            t = torch.from_numpy(np.clip(arr, 0, 1))[None].repeat(3, 1, 1)
+            return t
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+class PreparedDataset(Dataset):
+    """Target image + ordered condition maps + caption + emotion labels, one per record."""
+
+    def __init__(self, root: str | Path, records: list[Record], conditions: list[str],
+                 resolution: int, tokenizer, caption_template: str, *, train: bool, seed: int = 0,
+                 condition_dropout: float = 0.0, caption_dropout: float = 0.0, hflip: bool = True):
+        if not records:
+            raise ValueError(f"{root}: no samples for this split")
+        self.root, self.records, self.conditions = Path(root), records, conditions
+        self.resolution, self.tokenizer, self.template = resolution, tokenizer, caption_template
+        self.train, self.seed, self.hflip = train, seed, hflip
+        self.condition_dropout, self.caption_dropout = condition_dropout, caption_dropout
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption(self, rec: Record) -> str:
+        if rec.text:
+            return rec.text
+        name = EXPRESSIONS[rec.expression] if 0 <= rec.expression < 8 else "neutral"
+        return self.template.format(expression=name)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, key = item if isinstance(item, tuple) else (item, item)
+        # One bad file must not stop a run: fall back to the next sample, deterministically.
+        for attempt in range(len(self.records)):
+            i = (index + attempt) % len(self.records)
+            try:
+                return self._load(i, key)
+            except (OSError, ValueError) as err:
+                log.warning("skipping sample %s: %s", self.records[i].file_name, err)
+        raise RuntimeError(f"{self.root}: no sample could be read")
+
+    def _load(self, i: int, key: int) -> dict:
+        rec = self.records[i]
+        rng = np.random.default_rng([self.seed, key]) if self.train else None
+        paths = [rec.file_name, *(rec.maps[c] for c in self.conditions)]
+        images = [load_rgb(self.root / p) for p in paths]
+        target, *maps = paired_transform(images, self.resolution, rng, self.hflip)
+        keep = torch.ones(len(maps))
+        text = self.caption(rec)
+        if rng is not None:
+            keep = torch.from_numpy(rng.random(len(maps)) >= self.condition_dropout).float()
+            if rng.random() < self.caption_dropout:
+                text = ""
+        conditions = torch.cat([m * k for m, k in zip(maps, keep)])  # (3N,H,W), dropped = 0
+        ids = self.tokenizer(text, padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids[0]
+        return {
+            "pixel_values": target * 2 - 1,  # (3,H,W) in [-1,1], per image, fixed range
+            "conditions": conditions,
+            "input_ids": ids,
+            "expression": rec.expression if 0 <= rec.expression < 8 else -1,
+            "valence": rec.valence,
+            "arousal": rec.arousal,
+        }
+
+
+def collate(samples: list[dict]) -> Batch:
+    return Batch(
+        pixel_values=torch.stack([s["pixel_values"] for s in samples]),
+        conditions=torch.stack([s["conditions"] for s in samples]),
+        input_ids=torch.stack([s["input_ids"] for s in samples]),
+        expression=torch.tensor([s["expression"] for s in samples], dtype=torch.long),
+        valence=torch.tensor([s["valence"] for s in samples], dtype=torch.float32),
+        arousal=torch.tensor([s["arousal"] for s in samples], dtype=torch.float32),
+    )
+
+
+def class_balance_weights(records: list[Record]) -> torch.Tensor:
+    """1 / class frequency, so each expression is drawn equally often (AffectNet is ~50% happy)."""
+    counts = Counter(r.expression for r in records)
+    return torch.tensor([1.0 / counts[r.expression] for r in records], dtype=torch.float64)
+
+
+class StreamSampler(Sampler):
+    """Endless, resumable stream of (index, draw key) for one process.
+
+    Epoch ``e`` is a permutation (or a class-balanced draw with replacement) seeded by
+    (seed, e). Global batches are dealt round-robin to processes. ``start_batch`` skips this
+    process's first batches arithmetically, which is how resume lands on the same data.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, weights: torch.Tensor | None = None,
+                 rank: int = 0, world: int = 1, start_batch: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.weights, self.rank, self.world, self.start_batch = weights, rank, world, start_batch
+        per_round = batch_size * world
+        self.epoch_len = max(per_round, n - n % per_round)  # whole global batches per epoch
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.epoch_len, replacement=True, generator=g)
+        reps = -(-self.epoch_len // self.n)
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.epoch_len]
+
+    def __iter__(self):
+        local_per_epoch = self.epoch_len // (self.batch_size * self.world)
+        epoch, skip = divmod(self.start_batch, local_per_epoch)
+        while True:
+            order = self._epoch_order(epoch)
+            for b in range(skip, local_per_epoch):
+                start = (b * self.world + self.rank) * self.batch_size
+                for pos in range(start, start + self.batch_size):
+                    yield int(order[pos]), epoch * self.epoch_len + pos
+            epoch, skip = epoch + 1, 0

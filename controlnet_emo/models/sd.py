@@ -1,0 +1,104 @@
+"""Load the Stable Diffusion parts we train beside: from a hub id, a folder or a single file.
+
+``tiny`` is not special-cased past this module's first lines: it is built once into a local
+folder and then loaded exactly like a user's diffusers folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tiny import build_tiny_sd
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelLoadError(RuntimeError):
+    """A base model that cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class SDComponents:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    source: str
+    """What the user asked for (hub id / path / 'tiny'); written into exports' metadata."""
+
+
+def tiny_sd_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where the tiny random SD lives; built on first use (deterministic, seed 0)."""
+    root = Path(cache_dir or os.environ.get("CONTROLNET_EMO_CACHE", "~/.cache/controlnet-emo"))
+    folder = root.expanduser() / "tiny-sd-v1"
+    if not (folder / "model_index.json").is_file():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny_sd(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its folder is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_pretrained(spec: str) -> str:
+    """'tiny' -> its local folder; anything else unchanged."""
+    return str(tiny_sd_folder()) if spec == "tiny" else spec
+
+
+def load_sd(spec: str, revision: str | None = None, variant: str | None = None) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    path = resolve_pretrained(spec)
+    try:
+        if path.endswith(SINGLE_FILE_SUFFIXES):
+            if not Path(path).is_file():
+                raise ModelLoadError(f"{path}: single-file checkpoint not found")
+            pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None)
+            parts = dict(
+                tokenizer=pipe.tokenizer,
+                text_encoder=pipe.text_encoder,
+                vae=pipe.vae,
+                unet=pipe.unet,
+                scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            )
+        else:
+            parts = _load_folder_or_hub(path, revision, variant)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_missing_model_message(spec, err)) from err
+    return SDComponents(source=spec, **parts)
+
+
+def _load_folder_or_hub(path: str, revision: str | None, variant: str | None) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=revision)
+    return dict(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
+        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+    )
+
+
+def _missing_model_message(spec: str, err: Exception) -> str:
+    if Path(spec).exists():
+        return f"{spec}: not a readable Stable Diffusion folder or file ({err})"
+    return (
+        f"base model {spec!r} is not a local folder and is not in the Hugging Face cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fetch it on a machine with "
+        f"network (`huggingface-cli download {spec}`) or set model.pretrained to a local "
+        f"diffusers folder or .safetensors file. ({type(err).__name__}: {str(err)[:200]})"
+    )

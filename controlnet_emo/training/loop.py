@@ -1,0 +1,291 @@
+"""The training run: setup, the optimizer-step loop, checkpoints, validation, final export.
+
+Reads top to bottom like DiT's ``main()``: models, data, optimizer, resume, loop. The loss is
+one call into ``step.compute_losses``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import numpy as np
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import Config, gradient_accumulation_steps
+from ..data.dataset import (PreparedDataset, StreamSampler, class_balance_weights, collate,
+                            read_metadata)
+from ..models.controlnet import build_controlnet
+from ..models.sd import load_sd
+from ..models.unet_tuning import configure_unet, save_unet
+from . import checkpointing
+from .step import TrainModels, compute_losses
+from .validation import sample_grid, validation_loss
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+
+    models, trainable, unet_trains = build_models(cfg, accelerator)
+    controlnet = models.controlnet
+    optimizer = make_optimizer(cfg, trainable)
+    lr_scheduler = get_scheduler(
+        cfg.train.lr_scheduler, optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.train.max_steps * accelerator.num_processes,
+    )
+    ema = make_ema(cfg, controlnet)
+    if unet_trains:
+        controlnet, models.sd.unet, optimizer, lr_scheduler = accelerator.prepare(
+            controlnet, models.sd.unet, optimizer, lr_scheduler)
+    else:
+        controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    models.controlnet = controlnet
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    resume_from = checkpointing.resolve_resume(out, cfg.train.resume)
+    if resume_from is not None:
+        step = checkpointing.load_checkpoint(accelerator, resume_from)
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    accum = accelerator.gradient_accumulation_steps
+    train_iter = iter(make_loader(cfg, models, accelerator, start_batch=step * accum))
+    val_batches, val_prompts = validation_data(cfg, models)
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, after_step=step)
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers("controlnet-emo", config=flat_hparams(cfg))
+
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train",
+                    disable=not accelerator.is_main_process)
+    trained_modules = [controlnet, models.sd.unet] if unet_trains else [controlnet]
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        totals: dict[str, float] = {}
+        for micro in range(accum):
+            batch = next(train_iter).to(accelerator.device)
+            g = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            with accelerator.accumulate(*trained_modules):
+                loss, terms = compute_losses(models, batch, cfg, g)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / accum
+        step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(controlnet).parameters())
+        record = {k: float(accelerator.reduce(v, "mean")) for k, v in totals.items()}
+        record.update(
+            step=step, lr=lr_scheduler.get_last_lr()[0],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            samples_per_s=cfg.train.total_batch_size / (time.perf_counter() - t0),
+        )
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+
+        if step % cfg.train.validate_every == 0 or step == cfg.train.max_steps:
+            record.update(validate(cfg, models, accelerator, val_batches, val_prompts, step))
+        metrics.write(record)
+        accelerator.log(record, step=step)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            checkpointing.save_checkpoint(accelerator, cfg, step, cfg.train.checkpoints_total_limit)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finalize(cfg, accelerator, models, ema, step)
+    accelerator.end_training()
+    return out
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A generator seeded by (seed, step, micro-step, rank): same numbers after a resume."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(seed % 2**63)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    out = Path(cfg.output_dir)
+    precision = cfg.train.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        log.warning("train.mixed_precision=fp16 needs a GPU; training in fp32 on CPU")
+        precision = "no"
+    accum = gradient_accumulation_steps(cfg, PartialState().num_processes)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=accum,
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, list, bool]:
+    """Base SD (frozen unless asked), ControlNet(s), pixel critics; returns trainable params."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32)
+    sd = load_sd(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
+    controlnet = build_controlnet(cfg, sd.unet)
+    unet_params = configure_unet(sd.unet, cfg.model.unet_trainable, cfg.model.lora_rank)
+    unet_trains = bool(unet_params)
+    sd.vae.requires_grad_(False)
+    sd.text_encoder.requires_grad_(False)
+    controlnet.train()
+    if cfg.train.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        sd.unet.enable_gradient_checkpointing()
+    if cfg.model.attention == "xformers":
+        sd.unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+    device = accelerator.device
+    sd.vae.to(device, dtype=weight_dtype)
+    sd.text_encoder.to(device, dtype=weight_dtype)
+    sd.unet.to(device, dtype=torch.float32 if unet_trains else weight_dtype)
+    controlnet.to(device)
+    pixel = None
+    if cfg.loss.needs_decoder:
+        from ..losses import PixelLosses
+
+        pixel = PixelLosses(cfg, sd.vae).to(device)
+    models = TrainModels(sd=sd, controlnet=controlnet, pixel_losses=pixel, weight_dtype=weight_dtype)
+    return models, [*controlnet.parameters(), *unet_params], unet_trains
+
+
+def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if t.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("train.use_8bit_adam needs bitsandbytes: pip install "
+                              "'controlnet-emo[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_ema(cfg: Config, controlnet: torch.nn.Module):
+    if not cfg.train.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(controlnet.parameters(), decay=cfg.train.ema_decay)
+
+
+def make_loader(cfg: Config, models: TrainModels, accelerator: Accelerator,
+                start_batch: int) -> DataLoader:
+    records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
+    records = records[: cfg.data.max_samples] if cfg.data.max_samples else records
+    dataset = PreparedDataset(
+        cfg.data.root, records, cfg.conditions, cfg.data.resolution, models.sd.tokenizer,
+        cfg.data.caption_template, train=True, seed=cfg.seed,
+        condition_dropout=cfg.data.condition_dropout, caption_dropout=cfg.data.caption_dropout,
+        hflip=cfg.data.hflip,
+    )
+    sampler = StreamSampler(
+        len(dataset), cfg.train.batch_size, cfg.seed,
+        weights=class_balance_weights(records) if cfg.data.balance_classes else None,
+        rank=accelerator.process_index, world=accelerator.num_processes, start_batch=start_batch,
+    )
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                      collate_fn=collate, num_workers=cfg.data.num_workers,
+                      persistent_workers=cfg.data.num_workers > 0)
+
+
+def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:
+    """Fixed validation batches (val split, else the first train samples) and their prompts."""
+    records = read_metadata(cfg.data.root, cfg.data.val_split, cfg.conditions)
+    if not records:
+        records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
+    records = records[: cfg.train.validation_samples]
+    dataset = PreparedDataset(cfg.data.root, records, cfg.conditions, cfg.data.resolution,
+                              models.sd.tokenizer, cfg.data.caption_template, train=False)
+    batches = [collate([dataset[i] for i in range(j, min(j + cfg.train.batch_size, len(dataset)))])
+               for j in range(0, len(dataset), cfg.train.batch_size)]
+    return batches, [dataset.caption(r) for r in records]
+
+
+def validate(cfg: Config, models: TrainModels, accelerator: Accelerator, batches: list,
+             prompts: list[str], step: int) -> dict[str, float]:
+    controlnet = accelerator.unwrap_model(models.controlnet)
+    controlnet.eval()
+    scores = validation_loss(models, batches, cfg, accelerator.device)
+    if accelerator.is_main_process:
+        first = batches[0]
+        sample_grid(models, controlnet, first, prompts[: len(first)], cfg,
+                    Path(cfg.output_dir) / "samples" / f"step-{step}.png")
+    controlnet.train()
+    return scores
+
+
+def finalize(cfg: Config, accelerator: Accelerator, models: TrainModels, ema, step: int) -> None:
+    """controlnet/ (diffusers), controlnet.safetensors (original layout), tuned UNet, card."""
+    from ..export import export_run, save_diffusers
+    from ..model_card import write_model_card
+
+    out = Path(cfg.output_dir)
+    controlnet = accelerator.unwrap_model(models.controlnet)
+    if ema is not None:
+        ema.copy_to(controlnet.parameters())
+    save_diffusers(controlnet, out, info=model_info(cfg, step))
+    save_unet(accelerator.unwrap_model(models.sd.unet), cfg.model.unet_trainable, out)
+    export_run(out, "multi" if cfg.model.controlnet.mode == "multi" else "single-file")
+    write_model_card(out, cfg, step)
+
+
+def model_info(cfg: Config, step: int) -> dict:
+    return {"conditions": cfg.conditions, "mode": cfg.model.controlnet.mode,
+            "base_model": cfg.model.pretrained, "resolution": cfg.data.resolution, "steps": step}
+
+
+def flat_hparams(cfg: Config) -> dict:
+    """TensorBoard's hparams take scalars only: flatten and stringify what is not."""
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", cfg.to_dict())
+    return flat
+
+
+class MetricsLog:
+    """metrics.jsonl, one object per optimizer step; on resume, later lines are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, after_step: int = 0):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")

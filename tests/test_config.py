@@ -1,0 +1,92 @@
+"""Config errors surface as one line naming the key, before any model loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlnet_emo.config import Config, ConfigError, gradient_accumulation_steps, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_follow_the_design_schema():
+    cfg = load_config()
+    assert cfg.conditions == ["flame", "depth", "skeleton"]
+    assert cfg.loss.diffusion.weight == 0.92 and cfg.loss.diffusion.snr_gamma == 0.8
+    assert cfg.loss.lpips.weight == 0.08 and cfg.train.total_batch_size == 1024
+
+
+def test_overrides_are_yaml_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, {"train": {"max_steps": 10}}),
+                      ["train.learning_rate=1e-5", "loss.diffusion.snr_gamma=null",
+                       "conditions=[flame, skeleton]", "model.controlnet.mode=multi"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.max_steps == 10
+    assert cfg.loss.diffusion.snr_gamma is None
+    assert cfg.conditions == ["flame", "skeleton"]
+    assert cfg.model.controlnet.mode == "multi"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("trian.max_steps=3", "trian"),
+    ("train.batch_size=four", "train.batch_size"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("loss.lpips.weight=-0.1", "loss.lpips.weight"),
+    ("loss.emotion.valence=-1", "loss.emotion.valence"),
+    ("train.total_batch_size=10", "train.total_batch_size"),
+    ("model.unet_trainable=everything", "model.unet_trainable"),
+    ("conditions=[flame, normals]", "conditions"),
+    ("data.condition_dropout=1.5", "data.condition_dropout"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=7", "data.max_samples=5"])
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_accumulation_from_total_batch():
+    cfg = load_config(None, ["train.batch_size=4", "train.total_batch_size=1024"])
+    assert gradient_accumulation_steps(cfg, 1) == 256
+    assert gradient_accumulation_steps(cfg, 8) == 32
+    with pytest.raises(ConfigError, match="3 processes"):
+        gradient_accumulation_steps(cfg, 3)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_recipes_parse(name):
+    load_config(CONFIGS / name)
+
+
+def test_lr_scheduler_names_match_diffusers():
+    from diffusers.optimization import SchedulerType
+
+    from controlnet_emo.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    with pytest.raises(ConfigError, match="train.lr_scheduler"):
+        load_config(None, ["train.lr_scheduler=warmup_cosine"])

@@ -112,3 +112,24 @@ def test_partial_unet_tuning_saves_a_unet(tmp_path, prepared, mode):
     total = sum(p.numel() for p in sd.unet.parameters())
     assert 0 < sum(p.numel() for p in params) < total
     assert all(p.requires_grad for p in params)
+
+
+def test_two_processes_share_the_work(tmp_path, prepared):
+    """DDP over gloo on CPU, launched as `accelerate launch`/torchrun would on GPUs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    args = [f"--set={o}" for o in tiny_overrides(out, prepared, **{"train.total_batch_size": 4,
+                                                                   "train.max_steps": 2})]
+    script = Path(__file__).resolve().parent.parent / "train_controlnet.py"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(script), "--config", str(DEMO_CONFIG), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (out / "controlnet.safetensors").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import numpy as np
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
@@ -131,13 +131,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         log.warning("train.mixed_precision=fp16 needs a GPU; training in fp32 on CPU")
         precision = "no"
-    accum = gradient_accumulation_steps(cfg, PartialState().num_processes)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
-        gradient_accumulation_steps=accum,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    # Accumulation follows from the process count, known only once the Accelerator exists.
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps(
+        cfg, accelerator.num_processes)
+    return accelerator
 
 
 def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, list, bool]:

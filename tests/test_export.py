@@ -1,0 +1,220 @@
+"""Export: every format loads back in plain diffusers to identical tensors, with its metadata."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from safetensors import safe_open
+
+from controlnet_emo.config import Config
+from controlnet_emo.export import (
+    SIDECAR,
+    ExportError,
+    add_export_arguments,
+    export_run,
+    read_model_info,
+    run_export,
+    safetensors_metadata,
+    save_diffusers,
+    to_original_layout,
+    write_single_file,
+)
+from controlnet_emo.model_card import write_model_card
+from controlnet_emo.models.sd import load_sd
+
+CONDITIONS = ["flame", "depth", "skeleton"]
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    return load_sd("tiny").unet
+
+
+def random_controlnet(unet, channels: int, seed: int = 0) -> ControlNetModel:
+    """from_unet, then every tensor perturbed: zero convs stop being zero, and a swapped key
+    could not hide behind two equal tensors."""
+    net = ControlNetModel.from_unet(unet, conditioning_channels=channels)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def make_run(root: Path, unet, mode: str = "stacked", steps: int = 7) -> tuple[Path, list]:
+    cfg = Config()
+    cfg.model.controlnet.mode = mode
+    cfg.data.resolution = 64
+    root.mkdir(parents=True)
+    cfg.save(root / "config.yaml")
+    if mode == "multi":
+        nets = [random_controlnet(unet, 3, seed=i) for i in range(len(CONDITIONS))]
+        model = MultiControlNetModel(nets)
+    else:
+        nets = [random_controlnet(unet, 3 * len(CONDITIONS))]
+        model = nets[0]
+    info = {"conditions": CONDITIONS, "mode": mode, "base_model": "tiny", "resolution": 64,
+            "steps": steps}
+    save_diffusers(model, root, info)
+    return root, nets
+
+
+def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_key_map_is_the_inverse_of_diffusers_reader_for_sd15_shapes():
+    """The real SD 1.5 ControlNet structure (4 blocks, 2 layers, attention in 3), on the meta
+    device so its 360M parameters cost nothing: diffusers' own reader must undo our map."""
+    with torch.device("meta"):
+        net = ControlNetModel(cross_attention_dim=768)  # diffusers' defaults are SD 1.5's
+    state = net.state_dict()
+    original = to_original_layout(state)
+    assert len(original) == len(state)
+    for key in (
+        "control_model.time_embed.0.weight", "control_model.time_embed.2.bias",
+        "control_model.input_blocks.0.0.weight",
+        "control_model.input_blocks.1.0.in_layers.0.weight",
+        "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "control_model.input_blocks.3.0.op.weight",
+        "control_model.input_blocks.4.0.skip_connection.weight",
+        "control_model.input_blocks.9.0.op.bias",
+        "control_model.input_blocks.11.0.out_layers.3.weight",
+        "control_model.middle_block.0.emb_layers.1.weight",
+        "control_model.middle_block.1.proj_out.weight",
+        "control_model.middle_block.2.in_layers.2.weight",
+        "control_model.middle_block_out.0.weight",
+        "control_model.zero_convs.11.0.weight",
+        "control_model.input_hint_block.0.weight", "control_model.input_hint_block.12.weight",
+        "control_model.input_hint_block.14.weight",
+    ):
+        assert key in original, key
+    assert "control_model.zero_convs.12.0.weight" not in original  # no downsampler after block 3
+    back = convert_controlnet_checkpoint(original, config=dict(net.config))
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)  # the very same tensors, re-keyed
+
+
+def test_single_file_round_trip_and_metadata(tmp_path, tiny_unet):
+    run, (net,) = make_run(tmp_path / "run", tiny_unet)
+    (path,) = export_run(run)  # default: single-file into the run
+    assert path == run / "controlnet.safetensors"
+    back = ControlNetModel.from_single_file(str(path), config=str(run / "controlnet"))
+    assert_same_tensors(back, net)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("control_model.input_hint_block.0.weight").shape[1] == 9
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"].endswith("/controlnet")
+    assert meta["modelspec.resolution"] == "64x64"
+    for key in ("modelspec.title", "modelspec.implementation", "modelspec.date"):
+        assert meta[key]
+    assert meta["controlnet_emo.conditions"] == "flame,depth,skeleton"
+    assert json.loads(meta["controlnet_emo.channels"]) == {
+        "flame": [0, 3], "depth": [3, 6], "skeleton": [6, 9]}
+    assert meta["controlnet_emo.base_model"] == "tiny"
+    assert meta["controlnet_emo.steps"] == "7"
+    assert json.loads(meta["controlnet_emo.loss_weights"])["lpips"] == pytest.approx(0.08)
+
+
+def test_diffusers_export_round_trip(tmp_path, tiny_unet):
+    run, (net,) = make_run(tmp_path / "run", tiny_unet)
+    (folder,) = export_run(run, "diffusers", out=tmp_path / "exported")
+    assert_same_tensors(ControlNetModel.from_pretrained(folder), net)
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    info = read_model_info(folder)  # the exported folder describes itself
+    assert info.conditions == CONDITIONS and info.base_model == "tiny" and info.steps == 7
+
+
+def test_multi_mode_diffusers_layout_and_one_file_per_condition(tmp_path, tiny_unet):
+    run, nets = make_run(tmp_path / "run", tiny_unet, mode="multi")
+    assert [p.name for p in sorted(run.glob("controlnet*"))] == [
+        "controlnet", "controlnet_1", "controlnet_2"]
+    multi = MultiControlNetModel.from_pretrained(str(run / "controlnet"))  # diffusers' loader
+    for a, b in zip(multi.nets, nets, strict=True):
+        assert_same_tensors(a, b)
+    paths = export_run(run, "multi", out=tmp_path / "files")
+    assert [p.name for p in paths] == [f"controlnet_{c}.safetensors" for c in CONDITIONS]
+    for i, (path, net, name) in enumerate(zip(paths, nets, CONDITIONS, strict=True)):
+        folder = run / ("controlnet" if i == 0 else f"controlnet_{i}")
+        assert_same_tensors(ControlNetModel.from_single_file(str(path), config=str(folder)), net)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            assert f.get_tensor("control_model.input_hint_block.0.weight").shape[1] == 3  # RGB
+        assert meta["controlnet_emo.conditions"] == name
+        assert meta["controlnet_emo.run_conditions"] == "flame,depth,skeleton"
+
+
+def test_stacked_run_refuses_multi_format(tmp_path, tiny_unet):
+    run, _ = make_run(tmp_path / "run", tiny_unet)
+    with pytest.raises(ExportError, match="stacked run"):
+        export_run(run, "multi")
+
+
+def test_run_without_model_and_channel_mismatch_are_one_line_errors(tmp_path, tiny_unet):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Config().save(empty / "config.yaml")
+    with pytest.raises(ExportError, match="no trained model"):
+        read_model_info(empty)
+    with pytest.raises(ExportError, match="do not match"):
+        save_diffusers(random_controlnet(tiny_unet, 6), tmp_path / "bad",
+                       {"conditions": CONDITIONS})
+
+
+def test_sidecar_written_by_the_training_loop_keeps_the_config_values(tmp_path, tiny_unet):
+    run, _ = make_run(tmp_path / "run", tiny_unet)
+    sidecar = json.loads((run / "controlnet" / SIDECAR).read_text())
+    assert sidecar["conditions"] == CONDITIONS and sidecar["channels"]["depth"] == [3, 6]
+    info = read_model_info(run / "controlnet")  # resolves to the run
+    assert info.run_dir == run and info.loss_weights["diffusion"] == pytest.approx(0.92)
+
+
+def test_write_single_file_is_atomic_and_needs_string_metadata(tmp_path, tiny_unet):
+    net = random_controlnet(tiny_unet, 9)
+    with pytest.raises(ExportError, match="strings"):
+        write_single_file(net, tmp_path / "x.safetensors", {"steps": 3})
+    meta = safetensors_metadata(Config(), 3)
+    path = write_single_file(net, tmp_path / "x.safetensors", meta)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["controlnet_emo.steps"] == "3"
+
+
+def test_model_card(tmp_path, tiny_unet):
+    run, _ = make_run(tmp_path / "run", tiny_unet)
+    (run / "samples").mkdir()
+    for step in (5, 20, 100):
+        (run / "samples" / f"step-{step}.png").write_bytes(b"")
+    cfg = Config()
+    cfg.model.pretrained = "runwayml/stable-diffusion-v1-5"
+    text = write_model_card(run, cfg, 100).read_text()
+    assert text.startswith("---\nlibrary_name: diffusers\nbase_model: runwayml/stable-diffusion-v1-5")
+    assert "(samples/step-100.png)" in text
+    assert "| 0-2 | flame |" in text and "| 6-8 | skeleton |" in text
+    assert "| lpips | 0.08 |" in text
+    assert "ControlNetModel.from_pretrained" in text and "from_single_file" in text
+    assert "ComfyUI" in text and "controlnet-emo infer" in text
+
+
+def test_export_cli(tmp_path, tiny_unet, capsys):
+    run, _ = make_run(tmp_path / "run", tiny_unet)
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    assert run_export(parser.parse_args([str(run), "--out", str(tmp_path / "cn.safetensors")])) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cn.safetensors")
+    assert (run / "README.md").is_file()
+    assert run_export(parser.parse_args([str(tmp_path / "nowhere")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nowhere" in err and "\n" not in err

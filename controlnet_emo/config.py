@@ -166,7 +166,7 @@ class PrepareConfig:
 
 @dataclass
 class FlameConfig:
-    min_match: float = 0.6
+    min_match: float = 0.8
     """Below this normalised match score a re-canvased render is a reported skip."""
     crop_scale: float = 1.25
     """EMOCA's crop rule: square side = crop_scale x the longer side of the face box."""

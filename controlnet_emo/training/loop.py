@@ -132,6 +132,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         log.warning("train.mixed_precision=fp16 needs a GPU; training in fp32 on CPU")
         precision = "no"
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # else torchrun's processes each train alone on CPU
         mixed_precision=precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),

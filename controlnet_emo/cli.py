@@ -19,8 +19,14 @@ log = logging.getLogger("controlnet_emo")
 
 def add_config_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", type=Path, required=required, help="YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (dotted key, YAML-typed value); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (dotted key, YAML-typed value); repeatable",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -44,8 +50,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"prepared {report.get('prepared', '?')} samples into {args.out_dir} "
-          f"(skipped {report.get('skipped', 0)}; see prepare_report.json)")
+    print(
+        f"prepared {report.get('prepared', '?')} samples into {args.out_dir} "
+        f"(skipped {report.get('skipped', 0)}; see prepare_report.json)"
+    )
     return 0
 
 
@@ -130,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as err:

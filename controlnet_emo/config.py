@@ -18,8 +18,15 @@ import yaml
 CONFIG_VERSION = 1
 CONDITION_NAMES = ("flame", "depth", "skeleton")
 # diffusers.optimization.SchedulerType values (kept here so validation needs no heavy import)
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                 "constant_with_warmup", "piecewise_constant")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
 
 
 class ConfigError(ValueError):
@@ -307,12 +314,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Ranges and cross-field rules that types cannot express."""
     if cfg.version != CONFIG_VERSION:
-        raise ConfigError(f"version: {cfg.version} is not supported (this build reads {CONFIG_VERSION})")
+        raise ConfigError(
+            f"version: {cfg.version} is not supported (this build reads {CONFIG_VERSION})"
+        )
     if not cfg.conditions:
         raise ConfigError("conditions: at least one condition is needed")
     for name in cfg.conditions:
         if name not in CONDITION_NAMES:
-            raise ConfigError(f"conditions: unknown condition {name!r} (known: {', '.join(CONDITION_NAMES)})")
+            raise ConfigError(
+                f"conditions: unknown condition {name!r} (known: {', '.join(CONDITION_NAMES)})"
+            )
     if len(set(cfg.conditions)) != len(cfg.conditions):
         raise ConfigError("conditions: a condition is listed twice")
     for key, weight in _weight_keys(cfg).items():
@@ -352,15 +363,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.pixel.max_timestep: must be in (0, 1000]")
     n = cfg.loss.pixel.samples_per_batch
     if n is not None and not 0 < n <= cfg.train.batch_size:
-        raise ConfigError(f"loss.pixel.samples_per_batch: must be in [1, train.batch_size], got {n}")
+        raise ConfigError(
+            f"loss.pixel.samples_per_batch: must be in [1, train.batch_size], got {n}"
+        )
     if cfg.train.lr_scheduler not in LR_SCHEDULERS:
-        raise ConfigError(f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of "
-                          f"{', '.join(LR_SCHEDULERS)}")
+        raise ConfigError(
+            f"train.lr_scheduler: {cfg.train.lr_scheduler!r} is not one of "
+            f"{', '.join(LR_SCHEDULERS)}"
+        )
     limit = cfg.train.checkpoints_total_limit
     if limit is not None and limit < 1:
         raise ConfigError(f"train.checkpoints_total_limit: must be >= 1 or null, got {limit}")
     if cfg.train.resume not in (None, "latest") and not Path(cfg.train.resume).is_dir():
-        raise ConfigError(f"train.resume: {cfg.train.resume} is not 'latest' or a checkpoint folder")
+        raise ConfigError(
+            f"train.resume: {cfg.train.resume} is not 'latest' or a checkpoint folder"
+        )
 
 
 def _weight_keys(cfg: Config) -> dict[str, float]:

@@ -33,8 +33,9 @@ def tiny_cache(tmp_path_factory) -> Path:
     return cache
 
 
-def write_prepared(root: Path, n: int = 12, size: tuple[int, int] = (72, 88), n_val: int = 2,
-                   seed: int = 0) -> Path:
+def write_prepared(
+    root: Path, n: int = 12, size: tuple[int, int] = (72, 88), n_val: int = 2, seed: int = 0
+) -> Path:
     """A prepared dataset of random pictures in the exact layout `prepare` writes."""
     rng = np.random.default_rng(seed)
     for d in ("images", "flame", "depth", "skeleton"):
@@ -45,14 +46,22 @@ def write_prepared(root: Path, n: int = 12, size: tuple[int, int] = (72, 88), n_
         Image.fromarray(img).save(root / "images" / f"{i}.png")
         Image.fromarray(255 - img).save(root / "flame" / f"{i}.png")
         Image.fromarray(img[..., ::-1].copy()).save(root / "skeleton" / f"{i}.png")
-        Image.fromarray((rng.random(size) * 65535).astype(np.uint16)).save(root / "depth" / f"{i}.png")
-        rows.append(dict(
-            file_name=f"images/{i}.png", flame_file_name=f"flame/{i}.png",
-            depth_file_name=f"depth/{i}.png", skeleton_file_name=f"skeleton/{i}.png",
-            text="a photo of a happy face" if i % 2 else None, expression=i % 8,
-            valence=float(rng.uniform(-1, 1)), arousal=float(rng.uniform(-1, 1)),
-            split="val" if i >= n - n_val else "train",
-        ))
+        Image.fromarray((rng.random(size) * 65535).astype(np.uint16)).save(
+            root / "depth" / f"{i}.png"
+        )
+        rows.append(
+            dict(
+                file_name=f"images/{i}.png",
+                flame_file_name=f"flame/{i}.png",
+                depth_file_name=f"depth/{i}.png",
+                skeleton_file_name=f"skeleton/{i}.png",
+                text="a photo of a happy face" if i % 2 else None,
+                expression=i % 8,
+                valence=float(rng.uniform(-1, 1)),
+                arousal=float(rng.uniform(-1, 1)),
+                split="val" if i >= n - n_val else "train",
+            )
+        )
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -68,10 +77,19 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def tiny_overrides(out: Path, data: Path, **extra) -> list[str]:
     """A fast CPU recipe on top of configs/demo.yaml."""
     base = {
-        "output_dir": out, "data.root": data, "data.resolution": 64, "data.num_workers": 0,
-        "train.batch_size": 2, "train.total_batch_size": 2, "train.max_steps": 4,
-        "train.checkpoint_every": 2, "train.validate_every": 100, "train.validation_samples": 2,
-        "train.validation_steps": 2, "train.report_to": "none", "train.lr_warmup_steps": 0,
+        "output_dir": out,
+        "data.root": data,
+        "data.resolution": 64,
+        "data.num_workers": 0,
+        "train.batch_size": 2,
+        "train.total_batch_size": 2,
+        "train.max_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 100,
+        "train.validation_samples": 2,
+        "train.validation_steps": 2,
+        "train.report_to": "none",
+        "train.lr_warmup_steps": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -24,28 +24,37 @@ def test_defaults_follow_the_design_schema():
 
 
 def test_overrides_are_yaml_typed_and_nested(tmp_path):
-    cfg = load_config(write(tmp_path, {"train": {"max_steps": 10}}),
-                      ["train.learning_rate=1e-5", "loss.diffusion.snr_gamma=null",
-                       "conditions=[flame, skeleton]", "model.controlnet.mode=multi"])
+    cfg = load_config(
+        write(tmp_path, {"train": {"max_steps": 10}}),
+        [
+            "train.learning_rate=1e-5",
+            "loss.diffusion.snr_gamma=null",
+            "conditions=[flame, skeleton]",
+            "model.controlnet.mode=multi",
+        ],
+    )
     assert cfg.train.learning_rate == 1e-5 and cfg.train.max_steps == 10
     assert cfg.loss.diffusion.snr_gamma is None
     assert cfg.conditions == ["flame", "skeleton"]
     assert cfg.model.controlnet.mode == "multi"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.max_stepz=3", "train.max_stepz"),
-    ("trian.max_steps=3", "trian"),
-    ("train.batch_size=four", "train.batch_size"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("loss.lpips.weight=-0.1", "loss.lpips.weight"),
-    ("loss.emotion.valence=-1", "loss.emotion.valence"),
-    ("train.total_batch_size=10", "train.total_batch_size"),
-    ("model.unet_trainable=everything", "model.unet_trainable"),
-    ("conditions=[flame, normals]", "conditions"),
-    ("data.condition_dropout=1.5", "data.condition_dropout"),
-    ("train.mixed_precision=fp8", "train.mixed_precision"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("trian.max_steps=3", "trian"),
+        ("train.batch_size=four", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("loss.lpips.weight=-0.1", "loss.lpips.weight"),
+        ("loss.emotion.valence=-1", "loss.emotion.valence"),
+        ("train.total_batch_size=10", "train.total_batch_size"),
+        ("model.unet_trainable=everything", "model.unet_trainable"),
+        ("conditions=[flame, normals]", "conditions"),
+        ("data.condition_dropout=1.5", "data.condition_dropout"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

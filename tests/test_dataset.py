@@ -1,14 +1,16 @@
 """The prepared-dataset loader: aligned transforms, captions, balancing, resumable order."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from controlnet_emo.data.dataset import (PreparedDataset, StreamSampler, class_balance_weights,
-                                         collate, read_metadata)
+from controlnet_emo.data.dataset import (
+    PreparedDataset,
+    StreamSampler,
+    class_balance_weights,
+    collate,
+    read_metadata,
+)
 from controlnet_emo.data.transforms import paired_transform
 from controlnet_emo.models.sd import load_sd
 
@@ -24,8 +26,9 @@ def make(prepared, tokenizer, **kw):
     records = read_metadata(prepared, "train", CONDS)
     args = dict(train=True, seed=0)
     args.update(kw)
-    return PreparedDataset(prepared, records, CONDS, 64, tokenizer, "a photo of a {expression} face",
-                           **args)
+    return PreparedDataset(
+        prepared, records, CONDS, 64, tokenizer, "a photo of a {expression} face", **args
+    )
 
 
 def test_shared_transform_keeps_maps_aligned():
@@ -102,7 +105,9 @@ def test_missing_metadata_names_the_file(tmp_path):
 def test_class_balancing_equalises_expressions():
     from controlnet_emo.data.dataset import Record
 
-    recs = [Record("x", {}, None, 1, 0, 0, "train")] * 90 + [Record("y", {}, None, 2, 0, 0, "train")] * 10
+    recs = [Record("x", {}, None, 1, 0, 0, "train")] * 90 + [
+        Record("y", {}, None, 2, 0, 0, "train")
+    ] * 10
     sampler = StreamSampler(100, 10, seed=0, weights=class_balance_weights(recs))
     it = iter(sampler)
     drawn = [recs[next(it)[0]].expression for _ in range(2000)]

@@ -29,17 +29,20 @@ def weights(run_dir, step):
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(prepared):
-    cfg = load_config(None, ["data.resolution=64", "loss.diffusion.snr_gamma=null",
-                             "loss.diffusion.kind=l2"])
+    cfg = load_config(
+        None, ["data.resolution=64", "loss.diffusion.snr_gamma=null", "loss.diffusion.kind=l2"]
+    )
     sd = load_sd("tiny")
     controlnet = build_controlnet(cfg, sd.unet)
     sd.unet.requires_grad_(False)
     records = read_metadata(prepared, "train", cfg.conditions)[:2]
-    ds = PreparedDataset(prepared, records, cfg.conditions, 64, sd.tokenizer,
-                         cfg.data.caption_template, train=False)
+    ds = PreparedDataset(
+        prepared, records, cfg.conditions, 64, sd.tokenizer, cfg.data.caption_template, train=False
+    )
     batch = collate([ds[0], ds[1]])
-    models = TrainModels(sd=sd, controlnet=controlnet, pixel_losses=None,
-                         weight_dtype=torch.float32)
+    models = TrainModels(
+        sd=sd, controlnet=controlnet, pixel_losses=None, weight_dtype=torch.float32
+    )
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-3)
 
     def loss_now():
@@ -56,10 +59,18 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(prepared):
 
 
 def test_run_folder_layout_and_metrics(tmp_path, prepared):
-    out = run(tmp_path, prepared, "run", **{"train.validate_every": 2,
-                                              "train.report_to": "tensorboard"})
-    for name in ("config.yaml", "metrics.jsonl", "controlnet/config.json",
-                 "controlnet.safetensors", "samples/step-2.png", "samples/step-4.png", "README.md"):
+    out = run(
+        tmp_path, prepared, "run", **{"train.validate_every": 2, "train.report_to": "tensorboard"}
+    )
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "controlnet/config.json",
+        "controlnet.safetensors",
+        "samples/step-2.png",
+        "samples/step-4.png",
+        "README.md",
+    ):
         assert (out / name).exists(), name
     assert any((out / "logs").rglob("events.out.tfevents*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -89,8 +100,12 @@ def test_gradient_accumulation_matches_total_batch(tmp_path, prepared):
 
 
 def test_checkpoints_are_pruned_and_complete(tmp_path, prepared):
-    out = run(tmp_path, prepared, "prune", **{"train.max_steps": 6, "train.checkpoint_every": 1,
-                                               "train.checkpoints_total_limit": 2})
+    out = run(
+        tmp_path,
+        prepared,
+        "prune",
+        **{"train.max_steps": 6, "train.checkpoint_every": 1, "train.checkpoints_total_limit": 2},
+    )
     assert [s for s, _ in checkpointing.list_checkpoints(out)] == [5, 6]
     # a save killed half-way leaves a temp folder that is never taken as the latest
     (out / ".checkpoint-7.tmp").mkdir()
@@ -98,8 +113,12 @@ def test_checkpoints_are_pruned_and_complete(tmp_path, prepared):
 
 
 def test_unet_lora_trains_and_is_saved(tmp_path, prepared):
-    out = run(tmp_path, prepared, "lora", **{"model.unet_trainable": "lora", "model.lora_rank": 2,
-                                              "train.max_steps": 2})
+    out = run(
+        tmp_path,
+        prepared,
+        "lora",
+        **{"model.unet_trainable": "lora", "model.lora_rank": 2, "train.max_steps": 2},
+    )
     assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -122,14 +141,61 @@ def test_two_processes_share_the_work(tmp_path, prepared):
     from pathlib import Path
 
     out = tmp_path / "ddp"
-    args = [f"--set={o}" for o in tiny_overrides(out, prepared, **{"train.total_batch_size": 4,
-                                                                   "train.max_steps": 2})]
+    args = [
+        f"--set={o}"
+        for o in tiny_overrides(
+            out, prepared, **{"train.total_batch_size": 4, "train.max_steps": 2}
+        )
+    ]
     script = Path(__file__).resolve().parent.parent / "train_controlnet.py"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           str(script), "--config", str(DEMO_CONFIG), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        "--config",
+        str(DEMO_CONFIG),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoint-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "controlnet.safetensors").is_file()
+
+
+def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):
+    """Cached posteriors + the same noise: the same latents as encoding each step (no aug)."""
+    from controlnet_emo.data.latent_cache import encode_moments
+    from controlnet_emo.training.step import encode_latents
+
+    cfg = load_config(DEMO_CONFIG, ["data.resolution=64"])
+    sd = load_sd("tiny")
+    records = read_metadata(prepared, "train", cfg.conditions)[:3]
+    plain = PreparedDataset(
+        prepared, records, cfg.conditions, 64, sd.tokenizer, "{expression}", train=False
+    )
+    moments = encode_moments(plain, sd.vae, 2, torch.device("cpu"), torch.float32, False)
+    cached = PreparedDataset(
+        prepared,
+        records,
+        cfg.conditions,
+        64,
+        sd.tokenizer,
+        "{expression}",
+        train=True,
+        latent_moments=moments,
+    )
+    b_plain = collate([plain[i] for i in range(3)])
+    b_cached = collate([cached[(i, i)] for i in range(3)])
+    assert b_cached.latent_moments.shape == (3, 8, 8, 8)
+    torch.testing.assert_close(b_cached.pixel_values, b_plain.pixel_values)  # centre crop
+    a = encode_latents(sd, b_plain, torch.Generator().manual_seed(0), torch.float32)
+    b = encode_latents(sd, b_cached, torch.Generator().manual_seed(0), torch.float32)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    out = run(tmp_path, prepared, "cached", **{"data.cache_latents": True, "train.max_steps": 2})
+    assert (out / "latent_cache" / "train-64.safetensors").is_file()

@@ -15,9 +15,11 @@ class Batch:
     expression: torch.Tensor  # (B,) long, 0..7, -1 = unknown
     valence: torch.Tensor  # (B,) float, NaN = unknown
     arousal: torch.Tensor  # (B,) float, NaN = unknown
+    latent_moments: torch.Tensor | None = None  # (B,2C,h,w) cached VAE mean|std, or None
 
     def to(self, device: torch.device | str) -> Batch:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if v is not None})
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]

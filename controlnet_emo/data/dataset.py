@@ -23,8 +23,11 @@ from .transforms import paired_transform
 log = logging.getLogger(__name__)
 
 EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-CONDITION_KEYS = {"flame": "flame_file_name", "depth": "depth_file_name",
-                  "skeleton": "skeleton_file_name"}
+CONDITION_KEYS = {
+    "flame": "flame_file_name",
+    "depth": "depth_file_name",
+    "skeleton": "skeleton_file_name",
+}
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,11 @@ class Record:
     split: str
 
 
-def read_metadata(root: str | Path, split: str | None = None,
-                  conditions: list[str] | tuple[str, ...] = tuple(CONDITION_KEYS)) -> list[Record]:
+def read_metadata(
+    root: str | Path,
+    split: str | None = None,
+    conditions: list[str] | tuple[str, ...] = tuple(CONDITION_KEYS),
+) -> list[Record]:
     """Parse metadata.jsonl; a malformed line is an error naming the file and line."""
     path = Path(root) / "metadata.jsonl"
     if not path.is_file():
@@ -82,15 +88,29 @@ def load_rgb(path: Path) -> torch.Tensor:
 class PreparedDataset(Dataset):
     """Target image + ordered condition maps + caption + emotion labels, one per record."""
 
-    def __init__(self, root: str | Path, records: list[Record], conditions: list[str],
-                 resolution: int, tokenizer, caption_template: str, *, train: bool, seed: int = 0,
-                 condition_dropout: float = 0.0, caption_dropout: float = 0.0, hflip: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        records: list[Record],
+        conditions: list[str],
+        resolution: int,
+        tokenizer,
+        caption_template: str,
+        *,
+        train: bool,
+        seed: int = 0,
+        condition_dropout: float = 0.0,
+        caption_dropout: float = 0.0,
+        hflip: bool = True,
+        latent_moments: torch.Tensor | None = None,
+    ):
         if not records:
             raise ValueError(f"{root}: no samples for this split")
         self.root, self.records, self.conditions = Path(root), records, conditions
         self.resolution, self.tokenizer, self.template = resolution, tokenizer, caption_template
         self.train, self.seed, self.hflip = train, seed, hflip
         self.condition_dropout, self.caption_dropout = condition_dropout, caption_dropout
+        self.latent_moments = latent_moments  # (N,2C,h,w) cached VAE posteriors, or None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -117,18 +137,26 @@ class PreparedDataset(Dataset):
         rng = np.random.default_rng([self.seed, key]) if self.train else None
         paths = [rec.file_name, *(rec.maps[c] for c in self.conditions)]
         images = [load_rgb(self.root / p) for p in paths]
-        target, *maps = paired_transform(images, self.resolution, rng, self.hflip)
+        # Cached latents were encoded from the centre crop, so the maps must use it too.
+        crop_rng = rng if self.latent_moments is None else None
+        target, *maps = paired_transform(images, self.resolution, crop_rng, self.hflip)
         keep = torch.ones(len(maps))
         text = self.caption(rec)
         if rng is not None:
             keep = torch.from_numpy(rng.random(len(maps)) >= self.condition_dropout).float()
             if rng.random() < self.caption_dropout:
                 text = ""
-        conditions = torch.cat([m * k for m, k in zip(maps, keep)])  # (3N,H,W), dropped = 0
-        ids = self.tokenizer(text, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids[0]
-        return {
+        conditions = torch.cat(
+            [m * k for m, k in zip(maps, keep, strict=False)]
+        )  # (3N,H,W), dropped = 0
+        ids = self.tokenizer(
+            text,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
+        sample = {
             "pixel_values": target * 2 - 1,  # (3,H,W) in [-1,1], per image, fixed range
             "conditions": conditions,
             "input_ids": ids,
@@ -136,6 +164,9 @@ class PreparedDataset(Dataset):
             "valence": rec.valence,
             "arousal": rec.arousal,
         }
+        if self.latent_moments is not None:
+            sample["latent_moments"] = self.latent_moments[i]
+        return sample
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -146,6 +177,9 @@ def collate(samples: list[dict]) -> Batch:
         expression=torch.tensor([s["expression"] for s in samples], dtype=torch.long),
         valence=torch.tensor([s["valence"] for s in samples], dtype=torch.float32),
         arousal=torch.tensor([s["arousal"] for s in samples], dtype=torch.float32),
+        latent_moments=torch.stack([s["latent_moments"] for s in samples])
+        if "latent_moments" in samples[0]
+        else None,
     )
 
 
@@ -163,8 +197,17 @@ class StreamSampler(Sampler):
     process's first batches arithmetically, which is how resume lands on the same data.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, *, weights: torch.Tensor | None = None,
-                 rank: int = 0, world: int = 1, start_batch: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        *,
+        weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
+        start_batch: int = 0,
+    ):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.weights, self.rank, self.world, self.start_batch = weights, rank, world, start_batch
         per_round = batch_size * world
@@ -175,7 +218,9 @@ class StreamSampler(Sampler):
         if self.weights is not None:
             return torch.multinomial(self.weights, self.epoch_len, replacement=True, generator=g)
         reps = -(-self.epoch_len // self.n)
-        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.epoch_len]
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[
+            : self.epoch_len
+        ]
 
     def __iter__(self):
         local_per_epoch = self.epoch_len // (self.batch_size * self.world)

@@ -28,8 +28,9 @@ def resize_short_side(img: torch.Tensor, size: int) -> torch.Tensor:
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     if (new_h, new_w) == (h, w):
         return img
-    return F.interpolate(img[None], (new_h, new_w), mode="bilinear", antialias=True,
-                         align_corners=False)[0]
+    return F.interpolate(
+        img[None], (new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+    )[0]
 
 
 def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -40,8 +41,9 @@ def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     return img[:, top : top + size, left : left + size]
 
 
-def sample_crop(height: int, width: int, size: int, rng: np.random.Generator,
-                hflip: bool) -> CropParams:
+def sample_crop(
+    height: int, width: int, size: int, rng: np.random.Generator, hflip: bool
+) -> CropParams:
     """Random square crop position (after the short-side resize) and flip."""
     return CropParams(
         top=int(rng.integers(0, height - size + 1)),
@@ -55,8 +57,9 @@ def apply_crop(img: torch.Tensor, size: int, p: CropParams) -> torch.Tensor:
     return img.flip(-1) if p.flip else img
 
 
-def paired_transform(images: list[torch.Tensor], size: int, rng: np.random.Generator | None,
-                     hflip: bool = True) -> list[torch.Tensor]:
+def paired_transform(
+    images: list[torch.Tensor], size: int, rng: np.random.Generator | None, hflip: bool = True
+) -> list[torch.Tensor]:
     """Resize every image's short side to ``size`` and take one shared crop (+ flip).
 
     ``rng=None`` means evaluation: centre crop, no flip. All images must share a size.

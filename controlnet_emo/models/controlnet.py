@@ -18,7 +18,9 @@ from ..config import Config
 CHANNELS_PER_CONDITION = 3
 
 
-def build_controlnet(cfg: Config, unet: UNet2DConditionModel) -> ControlNetModel | MultiControlNetModel:
+def build_controlnet(
+    cfg: Config, unet: UNet2DConditionModel
+) -> ControlNetModel | MultiControlNetModel:
     """New ControlNet(s) initialised from the UNet encoder, or loaded from ``controlnet.init``."""
     n = len(cfg.conditions)
     init = cfg.model.controlnet.init
@@ -29,12 +31,14 @@ def build_controlnet(cfg: Config, unet: UNet2DConditionModel) -> ControlNetModel
         _check_channels(net, CHANNELS_PER_CONDITION * n, init)
         return net
     if init == "from_unet":
-        nets = [ControlNetModel.from_unet(unet, conditioning_channels=CHANNELS_PER_CONDITION)
-                for _ in range(n)]
+        nets = [
+            ControlNetModel.from_unet(unet, conditioning_channels=CHANNELS_PER_CONDITION)
+            for _ in range(n)
+        ]
     else:  # diffusers' multi layout: init/, init_1/, init_2/ ...
         folders = [Path(init)] + [Path(f"{init}_{i}") for i in range(1, n)]
         nets = [ControlNetModel.from_pretrained(f) for f in folders]
-        for net, folder in zip(nets, folders):
+        for net, folder in zip(nets, folders, strict=False):
             _check_channels(net, CHANNELS_PER_CONDITION, str(folder))
     return MultiControlNetModel(nets)
 
@@ -45,10 +49,13 @@ def _check_channels(net: ControlNetModel, expected: int, source: str) -> None:
         raise ValueError(f"{source}: ControlNet reads {got} hint channels, config needs {expected}")
 
 
-def controlnet_residuals(controlnet: ControlNetModel | MultiControlNetModel,
-                         noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                         text_embeddings: torch.Tensor, conditions: torch.Tensor,
-                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def controlnet_residuals(
+    controlnet: ControlNetModel | MultiControlNetModel,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    conditions: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Down-block and mid-block residuals for the UNet; conditions is (B,3N,H,W) in [0,1]."""
     if isinstance(controlnet, MultiControlNetModel):
         hints = list(conditions.split(CHANNELS_PER_CONDITION, dim=1))  # N x (B,3,H,W)
@@ -56,7 +63,11 @@ def controlnet_residuals(controlnet: ControlNetModel | MultiControlNetModel,
     else:
         hints, scales = conditions, 1.0
     down, mid = controlnet(
-        noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
-        controlnet_cond=hints, conditioning_scale=scales, return_dict=False,
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=text_embeddings,
+        controlnet_cond=hints,
+        conditioning_scale=scales,
+        return_dict=False,
     )
     return down, mid

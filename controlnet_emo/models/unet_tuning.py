@@ -19,14 +19,22 @@ SELECTORS = {
 }
 
 
-def configure_unet(unet: UNet2DConditionModel, mode: str, lora_rank: int = 8) -> list[torch.nn.Parameter]:
+def configure_unet(
+    unet: UNet2DConditionModel, mode: str, lora_rank: int = 8
+) -> list[torch.nn.Parameter]:
     """Freeze the UNet, then unfreeze (or add) what ``mode`` trains; returns those params."""
     unet.requires_grad_(False)
     if mode == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
         return [p for p in unet.parameters() if p.requires_grad]
     select = SELECTORS[mode]
     params = []
@@ -48,8 +56,9 @@ def save_unet(unet: UNet2DConditionModel, mode: str, run_dir: Path) -> Path | No
 
         folder = run_dir / "unet_lora"
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
-                                                  safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, safe_serialization=True
+        )
         return folder
     folder = run_dir / "unet"
     unet.save_pretrained(folder, safe_serialization=True)

@@ -26,8 +26,11 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir()
-             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in out.iterdir()
+        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return sorted(found)
 
 
@@ -44,8 +47,9 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int,
-                    total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, cfg: Config, step: int, total_limit: int | None
+) -> Path:
     out = Path(cfg.output_dir)
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"

@@ -12,8 +12,8 @@ import math
 import time
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -21,8 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, gradient_accumulation_steps
-from ..data.dataset import (PreparedDataset, StreamSampler, class_balance_weights, collate,
-                            read_metadata)
+from ..data.dataset import (
+    PreparedDataset,
+    StreamSampler,
+    class_balance_weights,
+    collate,
+    read_metadata,
+)
 from ..models.controlnet import build_controlnet
 from ..models.sd import load_sd
 from ..models.unet_tuning import configure_unet, save_unet
@@ -45,16 +50,20 @@ def train(cfg: Config) -> Path:
     controlnet = models.controlnet
     optimizer = make_optimizer(cfg, trainable)
     lr_scheduler = get_scheduler(
-        cfg.train.lr_scheduler, optimizer,
+        cfg.train.lr_scheduler,
+        optimizer,
         num_warmup_steps=cfg.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.max_steps * accelerator.num_processes,
     )
     ema = make_ema(cfg, controlnet)
     if unet_trains:
         controlnet, models.sd.unet, optimizer, lr_scheduler = accelerator.prepare(
-            controlnet, models.sd.unet, optimizer, lr_scheduler)
+            controlnet, models.sd.unet, optimizer, lr_scheduler
+        )
     else:
-        controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+        controlnet, optimizer, lr_scheduler = accelerator.prepare(
+            controlnet, optimizer, lr_scheduler
+        )
     models.controlnet = controlnet
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -72,8 +81,12 @@ def train(cfg: Config) -> Path:
     if cfg.train.report_to != "none":
         accelerator.init_trackers("controlnet-emo", config=flat_hparams(cfg))
 
-    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train",
-                    disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=cfg.train.max_steps,
+        initial=step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+    )
     trained_modules = [controlnet, models.sd.unet] if unet_trains else [controlnet]
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -97,7 +110,8 @@ def train(cfg: Config) -> Path:
             ema.step(accelerator.unwrap_model(controlnet).parameters())
         record = {k: float(accelerator.reduce(v, "mean")) for k, v in totals.items()}
         record.update(
-            step=step, lr=lr_scheduler.get_last_lr()[0],
+            step=step,
+            lr=lr_scheduler.get_last_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=cfg.train.total_batch_size / (time.perf_counter() - t0),
         )
@@ -139,14 +153,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
     )
     # Accumulation follows from the process count, known only once the Accelerator exists.
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps(
-        cfg, accelerator.num_processes)
+        cfg, accelerator.num_processes
+    )
     return accelerator
 
 
 def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, list, bool]:
     """Base SD (frozen unless asked), ControlNet(s), pixel critics; returns trainable params."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32)
+        accelerator.mixed_precision, torch.float32
+    )
     sd = load_sd(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
     controlnet = build_controlnet(cfg, sd.unet)
     unet_params = configure_unet(sd.unet, cfg.model.unet_trainable, cfg.model.lora_rank)
@@ -170,19 +186,24 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         from ..losses import PixelLosses
 
         pixel = PixelLosses(cfg, sd.vae).to(device)
-    models = TrainModels(sd=sd, controlnet=controlnet, pixel_losses=pixel, weight_dtype=weight_dtype)
+    models = TrainModels(
+        sd=sd, controlnet=controlnet, pixel_losses=pixel, weight_dtype=weight_dtype
+    )
     return models, [*controlnet.parameters(), *unet_params], unet_trains
 
 
 def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
     t = cfg.train
-    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    kwargs = dict(
+        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay
+    )
     if t.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("train.use_8bit_adam needs bitsandbytes: pip install "
-                              "'controlnet-emo[bnb]'") from None
+            raise ImportError(
+                "train.use_8bit_adam needs bitsandbytes: pip install 'controlnet-emo[bnb]'"
+            ) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
@@ -195,24 +216,80 @@ def make_ema(cfg: Config, controlnet: torch.nn.Module):
     return EMAModel(controlnet.parameters(), decay=cfg.train.ema_decay)
 
 
-def make_loader(cfg: Config, models: TrainModels, accelerator: Accelerator,
-                start_batch: int) -> DataLoader:
+def make_loader(
+    cfg: Config, models: TrainModels, accelerator: Accelerator, start_batch: int
+) -> DataLoader:
     records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
     records = records[: cfg.data.max_samples] if cfg.data.max_samples else records
+    moments = cached_latents(cfg, models, accelerator, records) if cfg.data.cache_latents else None
     dataset = PreparedDataset(
-        cfg.data.root, records, cfg.conditions, cfg.data.resolution, models.sd.tokenizer,
-        cfg.data.caption_template, train=True, seed=cfg.seed,
-        condition_dropout=cfg.data.condition_dropout, caption_dropout=cfg.data.caption_dropout,
+        cfg.data.root,
+        records,
+        cfg.conditions,
+        cfg.data.resolution,
+        models.sd.tokenizer,
+        cfg.data.caption_template,
+        train=True,
+        seed=cfg.seed,
+        condition_dropout=cfg.data.condition_dropout,
+        caption_dropout=cfg.data.caption_dropout,
         hflip=cfg.data.hflip,
+        latent_moments=moments,
     )
     sampler = StreamSampler(
-        len(dataset), cfg.train.batch_size, cfg.seed,
+        len(dataset),
+        cfg.train.batch_size,
+        cfg.seed,
         weights=class_balance_weights(records) if cfg.data.balance_classes else None,
-        rank=accelerator.process_index, world=accelerator.num_processes, start_batch=start_batch,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        start_batch=start_batch,
     )
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                      collate_fn=collate, num_workers=cfg.data.num_workers,
-                      persistent_workers=cfg.data.num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def cached_latents(
+    cfg: Config, models: TrainModels, accelerator: Accelerator, records: list
+) -> torch.Tensor:
+    """VAE posteriors of the (centre-cropped) training images, encoded once by the main process."""
+    from ..data.latent_cache import encode_moments, load_or_build
+
+    path = (
+        Path(cfg.output_dir)
+        / "latent_cache"
+        / f"{cfg.data.train_split}-{cfg.data.resolution}.safetensors"
+    )
+    plain = PreparedDataset(
+        cfg.data.root,
+        records,
+        cfg.conditions,
+        cfg.data.resolution,
+        models.sd.tokenizer,
+        cfg.data.caption_template,
+        train=False,
+    )
+
+    def build() -> torch.Tensor:
+        return encode_moments(
+            plain,
+            models.sd.vae,
+            cfg.train.batch_size,
+            accelerator.device,
+            models.weight_dtype,
+            accelerator.is_main_process,
+        )
+
+    if accelerator.is_main_process:
+        load_or_build(path, build)
+    accelerator.wait_for_everyone()
+    return load_or_build(path, build)
 
 
 def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:
@@ -221,22 +298,43 @@ def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:
     if not records:
         records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
     records = records[: cfg.train.validation_samples]
-    dataset = PreparedDataset(cfg.data.root, records, cfg.conditions, cfg.data.resolution,
-                              models.sd.tokenizer, cfg.data.caption_template, train=False)
-    batches = [collate([dataset[i] for i in range(j, min(j + cfg.train.batch_size, len(dataset)))])
-               for j in range(0, len(dataset), cfg.train.batch_size)]
+    dataset = PreparedDataset(
+        cfg.data.root,
+        records,
+        cfg.conditions,
+        cfg.data.resolution,
+        models.sd.tokenizer,
+        cfg.data.caption_template,
+        train=False,
+    )
+    batches = [
+        collate([dataset[i] for i in range(j, min(j + cfg.train.batch_size, len(dataset)))])
+        for j in range(0, len(dataset), cfg.train.batch_size)
+    ]
     return batches, [dataset.caption(r) for r in records]
 
 
-def validate(cfg: Config, models: TrainModels, accelerator: Accelerator, batches: list,
-             prompts: list[str], step: int) -> dict[str, float]:
+def validate(
+    cfg: Config,
+    models: TrainModels,
+    accelerator: Accelerator,
+    batches: list,
+    prompts: list[str],
+    step: int,
+) -> dict[str, float]:
     controlnet = accelerator.unwrap_model(models.controlnet)
     controlnet.eval()
     scores = validation_loss(models, batches, cfg, accelerator.device)
     if accelerator.is_main_process:
         first = batches[0]
-        sample_grid(models, controlnet, first, prompts[: len(first)], cfg,
-                    Path(cfg.output_dir) / "samples" / f"step-{step}.png")
+        sample_grid(
+            models,
+            controlnet,
+            first,
+            prompts[: len(first)],
+            cfg,
+            Path(cfg.output_dir) / "samples" / f"step-{step}.png",
+        )
     controlnet.train()
     return scores
 
@@ -257,8 +355,13 @@ def finalize(cfg: Config, accelerator: Accelerator, models: TrainModels, ema, st
 
 
 def model_info(cfg: Config, step: int) -> dict:
-    return {"conditions": cfg.conditions, "mode": cfg.model.controlnet.mode,
-            "base_model": cfg.model.pretrained, "resolution": cfg.data.resolution, "steps": step}
+    return {
+        "conditions": cfg.conditions,
+        "mode": cfg.model.controlnet.mode,
+        "base_model": cfg.model.pretrained,
+        "resolution": cfg.data.resolution,
+        "steps": step,
+    }
 
 
 def flat_hparams(cfg: Config) -> dict:
@@ -282,13 +385,18 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, after_step: int = 0):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= after_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")

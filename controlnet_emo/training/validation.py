@@ -20,8 +20,9 @@ from .step import TrainModels, compute_losses
 
 
 @torch.no_grad()
-def validation_loss(m: TrainModels, batches: list[Batch], cfg: Config,
-                    device: torch.device) -> dict[str, float]:
+def validation_loss(
+    m: TrainModels, batches: list[Batch], cfg: Config, device: torch.device
+) -> dict[str, float]:
     """Mean loss and terms over fixed validation batches, with noise seeded identically."""
     g = torch.Generator().manual_seed(cfg.seed + 12345)
     sums: dict[str, float] = {}
@@ -32,21 +33,34 @@ def validation_loss(m: TrainModels, batches: list[Batch], cfg: Config,
     return sums
 
 
-def build_pipeline(m: TrainModels, controlnet: torch.nn.Module) -> StableDiffusionControlNetPipeline:
+def build_pipeline(
+    m: TrainModels, controlnet: torch.nn.Module
+) -> StableDiffusionControlNetPipeline:
     """A diffusers pipeline over the in-memory models (nothing is copied or reloaded)."""
     pipe = StableDiffusionControlNetPipeline(
-        vae=m.sd.vae, text_encoder=m.sd.text_encoder, tokenizer=m.sd.tokenizer, unet=m.sd.unet,
+        vae=m.sd.vae,
+        text_encoder=m.sd.text_encoder,
+        tokenizer=m.sd.tokenizer,
+        unet=m.sd.unet,
         controlnet=controlnet,
         scheduler=UniPCMultistepScheduler.from_config(m.sd.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def sample_grid(m: TrainModels, controlnet: torch.nn.Module, batch: Batch, prompts: list[str],
-                cfg: Config, path: Path) -> Path:
+def sample_grid(
+    m: TrainModels,
+    controlnet: torch.nn.Module,
+    batch: Batch,
+    prompts: list[str],
+    cfg: Config,
+    path: Path,
+) -> Path:
     """Generate one image per validation sample and save the comparison grid as PNG."""
     pipe = build_pipeline(m, controlnet)
     size = batch.pixel_values.shape[-1]
@@ -55,8 +69,15 @@ def sample_grid(m: TrainModels, controlnet: torch.nn.Module, batch: Batch, promp
         cond = batch.conditions[i : i + 1].to(m.weight_dtype)  # (1,3N,H,W) in [0,1]
         image = list(cond.split(3, dim=1)) if isinstance(controlnet, MultiControlNetModel) else cond
         g = torch.Generator().manual_seed(cfg.seed + i)
-        out = pipe(prompt, image=image, height=size, width=size, generator=g,
-                   num_inference_steps=cfg.train.validation_steps, output_type="np").images[0]
+        out = pipe(
+            prompt,
+            image=image,
+            height=size,
+            width=size,
+            generator=g,
+            num_inference_steps=cfg.train.validation_steps,
+            output_type="np",
+        ).images[0]
         maps = [to_uint8(c) for c in batch.conditions[i].split(3, dim=0)]
         target = to_uint8((batch.pixel_values[i] + 1) / 2)
         rows.append(np.concatenate([*maps, (out * 255).round().astype(np.uint8), target], axis=1))

@@ -1,7 +1,7 @@
-"""``controlnet-emo``: one console script, one subcommand per stage of the flow.
+"""controlnet-emo: one console script, one subcommand per stage of the flow.
 
-Each subcommand parses, builds a config, and calls into the package; heavy imports happen
-inside the handlers so ``--help`` and config errors answer instantly.
+Each subcommand parses its arguments, builds a validated config where it takes one (errors
+name the key before any model loads), and calls into the package.
 """
 
 from __future__ import annotations
@@ -83,8 +83,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_raw_dataset(raw, n=args.n, resolution=args.resolution, seed=cfg.seed)
     prepare_dataset(raw, cfg.data.root, cfg)
     train(cfg)
-    print(f"demo finished: {out} (controlnet/, controlnet.safetensors, samples/, metrics.jsonl)")
+    demo_infer_and_evaluate(cfg, out)
+    print(
+        f"demo finished: {out} (controlnet/, controlnet.safetensors, samples/, metrics.jsonl, "
+        f"infer/, eval/)"
+    )
     return 0
+
+
+def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
+    """Use the run as a user would: draw a face from one held-out FLAME render, then score."""
+    from .data.dataset import read_metadata
+    from .evaluation import evaluate
+    from .inference import infer
+
+    records = read_metadata(cfg.data.root, cfg.data.val_split, cfg.conditions)
+    if not records:
+        records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
+    first = records[0]
+    root = Path(cfg.data.root)
+    infer(
+        out,
+        root / first.maps["flame"],
+        prompt="a photo of a happy face",
+        out=out / "infer" / "happy.png",
+        steps=cfg.train.validation_steps,
+        sheet=True,
+        depth=root / first.maps["depth"] if "depth" in first.maps else None,
+        skeleton=root / first.maps["skeleton"] if "skeleton" in first.maps else None,
+    )
+    evaluate(out, root, split=cfg.data.val_split, n=4, steps=cfg.train.validation_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,22 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from .inference import add_infer_arguments, run_infer
+    # These stages register their own arguments beside the code that reads them.
+    from .evaluation import add_evaluate_arguments, run_evaluate
+    from .export import add_export_arguments, run_export
+    from .inference import add_infer_arguments, run_infer
 
-        p = sub.add_parser("infer", help="faces from FLAME renders (+ depth, skeleton)")
-        add_infer_arguments(p)
-        p.set_defaults(func=run_infer)
-    except ImportError:  # pragma: no cover - only while the module is absent
-        pass
-    try:
-        from .export import add_export_arguments, run_export
-
-        p = sub.add_parser("export", help="diffusers folder / single file / one file per condition")
-        add_export_arguments(p)
-        p.set_defaults(func=run_export)
-    except ImportError:  # pragma: no cover
-        pass
+    stages = {
+        "infer": ("faces from FLAME renders (+ depth, skeleton)", add_infer_arguments, run_infer),
+        "export": (
+            "diffusers folder / single file / one file per condition",
+            add_export_arguments,
+            run_export,
+        ),
+        "evaluate": (
+            "emotion and geometry faithfulness of a run's faces",
+            add_evaluate_arguments,
+            run_evaluate,
+        ),
+    }
+    for name, (help_text, add_arguments, handler) in stages.items():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=handler)
     return parser
 
 

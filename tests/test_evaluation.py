@@ -1,0 +1,233 @@
+"""Evaluation: the metric functions on hand-made inputs, and the report a user gets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from PIL import Image
+
+from controlnet_emo.config import Config
+from controlnet_emo.evaluation import (
+    add_evaluate_arguments,
+    ccc,
+    emotion_metrics,
+    generate_batch,
+    heatmap_landmarks,
+    macro_f1,
+    nme,
+    pearson,
+    read_faces,
+    rmse,
+    run_evaluate,
+)
+from controlnet_emo.export import save_diffusers
+from controlnet_emo.inference import generate, load_pipeline
+from controlnet_emo.models.emonet import build_emonet
+from controlnet_emo.models.sd import load_sd
+
+CONDITIONS = ["flame", "depth", "skeleton"]
+
+# --------------------------------------------------------------------------------------------
+# Metric functions
+
+
+def test_ccc_agreement_sign_and_shift():
+    x = torch.tensor([-0.8, -0.3, 0.1, 0.4, 0.6])  # zero mean, so -x has the same mean
+    assert ccc(x, x) == pytest.approx(1.0)
+    assert ccc(-x, x) == pytest.approx(-1.0)
+    assert ccc(-x + 0.3, x + 0.3) > -1  # off-centre, a negation also shifts the mean
+    shifted = x + 0.5  # same correlation, but the values no longer agree
+    assert pearson(shifted, x) == pytest.approx(1.0)
+    assert ccc(shifted, x) < 0.8
+    assert ccc(x * 0.1, x) < 0.3  # a squashed range (always ~0) is penalised too
+    assert math.isnan(ccc(x[:1], x[:1]))
+
+
+def test_rmse_and_macro_f1_by_hand():
+    assert rmse(torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])) == pytest.approx(12.5 ** 0.5)
+    pred, target = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
+    # class 0: F1 = 2*1 / (2*1 + 1) = 2/3; class 1: 2*2 / (2*2 + 1) = 4/5
+    assert macro_f1(pred, target) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # always predicting the majority class scores 3/4 accuracy but a poor macro-F1
+    assert macro_f1(torch.ones(4, dtype=torch.long), target) == pytest.approx((0 + 6 / 7) / 2)
+
+
+def test_emotion_metrics_skip_missing_labels():
+    read = {"expression": torch.tensor([1, 2, 3]), "valence": torch.tensor([0.5, 0.0, 0.2]),
+            "arousal": torch.tensor([0.1, 0.2, 0.3])}
+    m = emotion_metrics(read, expression=torch.tensor([1, -1, 7]),
+                        valence=torch.tensor([0.5, float("nan"), 0.2]),
+                        arousal=torch.tensor([0.1, 0.2, -2.0]), n_classes=5)
+    assert (m["n_valence"], m["n_arousal"], m["n_expression"]) == (2, 2, 1)
+    assert m["valence_rmse"] == 0 and m["valence_ccc"] == pytest.approx(1.0)
+    assert m["expression_accuracy"] == 1.0  # label 7 is outside a 5-class EmoNet: left out
+
+
+def test_nme_is_zero_for_identical_landmarks_and_scale_free():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 68, 2, generator=g) * 50
+    target[:, 36], target[:, 45] = torch.tensor([10.0, 20.0]), torch.tensor([40.0, 20.0])  # iod 30
+    assert torch.allclose(nme(target, target), torch.zeros(2))
+    shifted = target + torch.tensor([3.0, 4.0])  # every point 5 px off
+    assert torch.allclose(nme(shifted, target), torch.full((2,), 5 / 30))
+    assert torch.allclose(nme(target + torch.tensor([6.0, 8.0]), target), torch.full((2,), 10 / 30))
+    assert torch.allclose(nme(shifted * 4, target * 4), nme(shifted, target))  # resolution-free
+    flat = target.clone()
+    flat[:, 45] = flat[:, 36]
+    assert torch.isnan(nme(shifted, flat)).all()
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_heatmap_landmarks_recover_gaussian_peaks(sigma):
+    g = torch.Generator().manual_seed(1)
+    centres = 4 + torch.rand(2, 68, 2, generator=g) * 56  # (B,68,2) sub-pixel (x, y) on 64x64
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    d2 = (xs - centres[..., 0, None, None]) ** 2 + (ys - centres[..., 1, None, None]) ** 2
+    heatmap = torch.exp(-d2 / (2 * sigma**2)) - 0.05  # (B,68,64,64), negative background
+    points = heatmap_landmarks(heatmap, (256, 128))  # image 128 wide, 256 tall
+    scale = torch.tensor([128 / 64, 256 / 64])
+    expected = (centres + 0.5) * scale - 0.5
+    assert ((points - expected).abs() / scale).max() < 0.05 * sigma**2  # heatmap px
+
+
+# --------------------------------------------------------------------------------------------
+# The subcommand, end to end on a tiny run
+
+
+def make_run(root: Path, mode: str = "stacked") -> Path:
+    """A run folder with tiny, perturbed (so they matter) ControlNets at 64 px."""
+    root.mkdir(parents=True)
+    cfg = Config()
+    cfg.data.resolution = 64
+    cfg.model.controlnet.mode = mode
+    cfg.save(root / "config.yaml")
+    unet = load_sd("tiny").unet
+    nets = [ControlNetModel.from_unet(unet, conditioning_channels=3 if mode == "multi" else 9)
+            for _ in range(3 if mode == "multi" else 1)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for net in nets for p in net.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    save_diffusers(MultiControlNetModel(nets) if mode == "multi" else nets[0], root,
+                   {"conditions": CONDITIONS, "mode": mode, "base_model": "tiny",
+                    "resolution": 64, "steps": 3})
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("eval") / "run")
+
+
+class CheapEmoNet(torch.nn.Module):
+    """EmoNet's output contract at a sliver of its cost (~3 s per image on 2 busy cores); the
+    real network is tested in test_emonet.py and read once, in the --no-baseline test."""
+
+    n_expression = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heat, self.head = torch.nn.Conv2d(3, 68, 3, padding=1), torch.nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.head(x.mean(dim=(2, 3)))  # (B,10)
+        heatmap = self.heat(torch.nn.functional.interpolate(x, size=(64, 64)))  # (B,68,64,64)
+        return {"expression": out[:, :8], "valence": out[:, 8], "arousal": out[:, 9],
+                "heatmap": heatmap}
+
+
+@pytest.fixture
+def cheap_emonet(monkeypatch):
+    import controlnet_emo.models.emonet as emonet
+
+    monkeypatch.setattr(emonet, "build_emonet", lambda spec: CheapEmoNet())
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    return run_evaluate(parser.parse_args([str(a) for a in argv]))
+
+
+def _finite_numbers(block: dict) -> bool:
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in block.values())
+
+
+def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys,
+                                                     cheap_emonet):
+    out = tmp_path / "report"
+    rc = cli(run, "--data", prepared, "--split", "train", "--n", 3, "--steps", 2,
+             "--batch-size", 2, "--guidance-scale", 1, "--out", out, "--device", "cpu")
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", "random")
+    assert "RANDOM" in m["warning"] and "WARNING" in capsys.readouterr().out
+    assert m["settings"]["steps"] == 2 and m["settings"]["seed"] == 0
+    for kind in ("generated", "baseline", "real", "generated_vs_emonet_on_real"):
+        keys = {"valence_rmse", "valence_ccc", "arousal_rmse", "arousal_ccc",
+                "expression_accuracy", "expression_macro_f1"}
+        assert keys <= m[kind].keys() and _finite_numbers(
+            {k: m[kind][k] for k in keys if "ccc" not in k})
+    assert math.isfinite(m["generated"]["nme"]) and math.isfinite(m["baseline"]["nme"])
+    assert m["published_emonet_affectnet"]["expression_accuracy"] == 0.75
+    rows = [json.loads(line) for line in (out / "per_sample.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == ["images/0.png", "images/1.png", "images/2.png"]
+    assert rows[1]["prompt"] == "a photo of a happy face"
+    assert rows[0]["prompt"] == "a photo of a neutral face"  # no text: the caption template
+    assert rows[2]["label"]["expression"] == "sad" and "nme" in rows[0]["generated"]
+    with Image.open(out / "grid.png") as grid:  # rows: 3 maps | generated | target | no maps
+        assert grid.size == (6 * 256, 3 * 256)
+
+
+def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
+    assert cli(run, "--data", prepared, "--n", 1, "--steps", 2, "--no-baseline",
+               "--guidance-scale", 1, "--device", "cpu") == 0
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["split"] == "val" and "baseline" not in m and m["settings"]["baseline"] is False
+
+
+def test_read_faces_with_the_real_emonet():
+    with pytest.warns(UserWarning, match="random weights"):
+        critic = build_emonet("random")
+    read = read_faces(critic, torch.rand(1, 3, 64, 64))
+    assert read["expression"].shape == (1,) and read["valence"].shape == (1,)
+    assert read["landmarks"].shape == (1, 68, 2)
+    assert read["landmarks"].min() >= -0.5 and read["landmarks"].max() <= 63.5  # image pixels
+
+
+@pytest.mark.parametrize("mode", ["stacked", "multi"])
+def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
+    """Any evaluated row can be redrawn with ``controlnet-emo infer --seed S``."""
+    pipe, info = load_pipeline(run if mode == "stacked" else make_run(tmp_path / "multi", mode),
+                               device="cpu")
+    assert info.mode == mode
+    maps = torch.rand(2, 9, 64, 64, generator=torch.Generator().manual_seed(3))
+    prompts = ["a photo of a happy face", "a photo of a sad face"]
+    batch = generate_batch(pipe, info.mode, maps, prompts, seed=7, steps=2, guidance_scale=7.5)
+    for i in range(2):
+        single = generate(pipe, info, maps[i], prompts[i], seed=7, steps=2)
+        single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
+        assert (batch[i] - single_t).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("case", ["run", "data", "split", "emonet"])
+def test_bad_inputs_are_one_line_errors_naming_the_path(run, prepared, tmp_path, capsys, case):
+    args = {"run": run, "--data": prepared, "--split": "val", "--emonet": "random"}
+    bad = {"run": tmp_path / "no_run", "--data": tmp_path / "no_data", "--split": "test",
+           "--emonet": tmp_path / "emonet_8.pth"}
+    key = {"run": "run", "data": "--data", "split": "--split", "emonet": "--emonet"}[case]
+    args[key] = bad[key]
+    argv = [args.pop("run")] + [x for kv in args.items() for x in kv]
+    assert cli(*argv, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert (str(prepared / "metadata.jsonl") if case == "split" else str(bad[key])) in err

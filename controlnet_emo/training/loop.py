@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,24 +88,15 @@ def train(cfg: Config) -> Path:
         desc="train",
         disable=not accelerator.is_main_process,
     )
-    trained_modules = [controlnet, models.sd.unet] if unet_trains else [controlnet]
+    opt = Optimization(
+        optimizer,
+        lr_scheduler,
+        trainable,
+        [controlnet, models.sd.unet] if unet_trains else [controlnet],
+    )
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        totals: dict[str, float] = {}
-        for micro in range(accum):
-            batch = next(train_iter).to(accelerator.device)
-            g = step_generator(cfg.seed, step, micro, accelerator.process_index)
-            with accelerator.accumulate(*trained_modules):
-                loss, terms = compute_losses(models, batch, cfg, g)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
-                totals[k] = totals.get(k, 0.0) + v.detach() / accum
+        totals, grad_norm = optimizer_step(cfg, models, accelerator, train_iter, step, opt)
         step += 1
         if ema is not None:
             ema.step(accelerator.unwrap_model(controlnet).parameters())
@@ -131,6 +123,44 @@ def train(cfg: Config) -> Path:
         finalize(cfg, accelerator, models, ema, step)
     accelerator.end_training()
     return out
+
+
+@dataclass
+class Optimization:
+    """What one optimizer step updates: optimizer, LR schedule, the params and their modules."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    params: list
+    modules: list
+
+
+def optimizer_step(
+    cfg: Config,
+    models: TrainModels,
+    accelerator: Accelerator,
+    train_iter,
+    step: int,
+    opt: Optimization,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """One optimizer step over ``accum`` micro-batches; returns mean terms and grad norm."""
+    accum = accelerator.gradient_accumulation_steps
+    totals: dict[str, torch.Tensor] = {}
+    grad_norm = None
+    for micro in range(accum):
+        batch = next(train_iter).to(accelerator.device)
+        g = step_generator(cfg.seed, step, micro, accelerator.process_index)
+        with accelerator.accumulate(*opt.modules):
+            loss, terms = compute_losses(models, batch, cfg, g)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(opt.params, cfg.train.max_grad_norm)
+            opt.optimizer.step()
+            opt.lr_scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+        for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
+            totals[k] = totals.get(k, 0.0) + v.detach() / accum
+    return totals, grad_norm
 
 
 def step_generator(*keys: int) -> torch.Generator:

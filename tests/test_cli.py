@@ -1,0 +1,97 @@
+"""The console script end to end, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from controlnet_emo.cli import main
+
+from .conftest import DEMO_CONFIG
+
+
+def test_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--n",
+            "16",
+            "--resolution",
+            "96",
+            "--steps",
+            "3",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "train.validation_steps=2",
+            "--set",
+            "train.report_to=none",
+        ]
+    )
+    assert code == 0
+    for name in (
+        "raw/annotations.csv",
+        "data/metadata.jsonl",
+        "data/prepare_report.json",
+        "checkpoint-3",
+        "controlnet/config.json",
+        "controlnet.safetensors",
+        "samples/step-3.png",
+        "metrics.jsonl",
+        "README.md",
+        "infer/happy.png",
+        "eval/metrics.json",
+        "eval/grid.png",
+    ):
+        assert (out / name).exists(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--config",
+            str(DEMO_CONFIG),
+            "--set",
+            "loss.lpips.weight=-1",
+            "--set",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss.lpips.weight" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_entry_point_is_the_train_subcommand(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_controlnet.py",
+            "--config",
+            str(DEMO_CONFIG),
+            "--set",
+            "train.max_steps=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=DEMO_CONFIG.parent.parent,
+    )
+    assert proc.returncode == 2 and "train.max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command", ["synth", "prepare", "train", "infer", "export", "evaluate", "demo"]
+)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert "usage" in capsys.readouterr().out

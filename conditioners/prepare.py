@@ -36,8 +36,6 @@ from conditioners.io import (
     write_png,
 )
 from conditioners.raw_data import (
-    EXPRESSION_WORDS,
-    EXPRESSIONS,
     RawIndex,
     RawSample,
     Skip,
@@ -49,6 +47,7 @@ from conditioners.raw_data import (
 )
 from conditioners.skeleton import NoFaceError, SkeletonConditioner
 from controlnet_emo.config import Config
+from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
 
 logger = logging.getLogger(__name__)
 

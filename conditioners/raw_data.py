@@ -24,19 +24,6 @@ import numpy as np
 
 from conditioners.io import is_image_file
 
-EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-"""AffectNet / EmoNet 8-class order."""
-EXPRESSION_WORDS = (
-    "neutral",
-    "happy",
-    "sad",
-    "surprised",
-    "fearful",
-    "disgusted",
-    "angry",
-    "contemptuous",
-)
-"""The same classes as adjectives, which read naturally in a caption template."""
 NON_EMOTIONS = {8: "expression_none", 9: "expression_uncertain", 10: "expression_no_face"}
 INVALID_VA = -2.0
 NUM_LANDMARKS = 68

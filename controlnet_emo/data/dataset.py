@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..labels import EXPRESSION_WORDS
 from .batch import Batch
 from .transforms import paired_transform
 
 log = logging.getLogger(__name__)
 
-EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 CONDITION_KEYS = {
     "flame": "flame_file_name",
     "depth": "depth_file_name",
@@ -118,7 +118,7 @@ class PreparedDataset(Dataset):
     def caption(self, rec: Record) -> str:
         if rec.text:
             return rec.text
-        name = EXPRESSIONS[rec.expression] if 0 <= rec.expression < 8 else "neutral"
+        name = EXPRESSION_WORDS[rec.expression] if 0 <= rec.expression < 8 else "neutral"
         return self.template.format(expression=name)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:

@@ -33,7 +33,8 @@ from controlnet_emo.data.face_template import (
     relief_maps,
 )
 
-EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+from ..labels import EXPRESSION_WORDS, EXPRESSIONS
+
 EMOCA_CROP_SIZE = 224
 EMOCA_CROP_SCALE = 1.25  # crop side = scale * max(face w, h), centred on the face box
 CSV_COLUMNS = (
@@ -55,7 +56,6 @@ HAIR = {
     "blond": (204, 168, 110), "red": (150, 64, 34), "grey": (165, 162, 158),
 }  # fmt: skip
 IRISES = ((72, 46, 26), (104, 72, 40), (64, 104, 146), (74, 112, 72), (44, 32, 26))
-_ADJ = ("neutral", "happy", "sad", "surprised", "fearful", "disgusted", "angry", "contemptuous")
 _LOOK = (
     "with a calm, relaxed look",
     "smiling",
@@ -378,7 +378,7 @@ def caption(p: FaceParams) -> str:
     turn = "facing the camera" if abs(p.yaw) < 8 else f"looking slightly {side}"
     turn = f"looking {side}" if abs(p.yaw) >= 18 else turn
     tilt = ", head tilted" if abs(p.roll) > 8 else ""
-    face = f"a close-up photo of a {degree}{_ADJ[p.expression]} face"
+    face = f"a close-up photo of a {degree}{EXPRESSION_WORDS[p.expression]} face"
     return f"{face}, {_LOOK[p.expression]}, {turn}{tilt}, {p.hair} hair"
 
 

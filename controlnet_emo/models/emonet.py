@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-EXPRESSIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+from ..labels import EXPRESSIONS  # noqa: F401  (public: the head's class order)
+
 """Class order of the 8-class model; the 5-class model has the first five."""
 
 INPUT_SIZE = 256

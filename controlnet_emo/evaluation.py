@@ -28,17 +28,25 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .config import Config, ConfigError, load_config
-from .data.dataset import EXPRESSIONS, PreparedDataset, collate, read_metadata
+from .data.dataset import PreparedDataset, collate, read_metadata
 from .inference import SCHEDULERS, InferenceError, load_pipeline, model_info
+from .labels import EXPRESSIONS
 
 LEFT_EYE, RIGHT_EYE = 36, 45  # outer eye corners, 68-point scheme
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
-    8: {"valence_rmse": 0.29, "valence_ccc": 0.82, "arousal_rmse": 0.27, "arousal_ccc": 0.75,
-        "expression_accuracy": 0.75},
+    8: {
+        "valence_rmse": 0.29,
+        "valence_ccc": 0.82,
+        "arousal_rmse": 0.27,
+        "arousal_ccc": 0.75,
+        "expression_accuracy": 0.75,
+    },
     5: {"valence_ccc": 0.90, "arousal_ccc": 0.80, "expression_accuracy": 0.82},
 }
-RANDOM_WARNING = ("EmoNet has RANDOM weights (model.emonet=random): every emotion and landmark "
-                  "figure here is meaningless; pass --emonet /path/to/emonet_8.pth")
+RANDOM_WARNING = (
+    "EmoNet has RANDOM weights (model.emonet=random): every emotion and landmark "
+    "figure here is meaningless; pass --emonet /path/to/emonet_8.pth"
+)
 
 
 class EvaluationError(ValueError):
@@ -87,8 +95,9 @@ def macro_f1(pred: Tensor, target: Tensor) -> float:
     return float(np.mean(scores))
 
 
-def heatmap_landmarks(heatmap: Tensor, image_size: int | tuple[int, int], radius: int = 3
-                      ) -> Tensor:
+def heatmap_landmarks(
+    heatmap: Tensor, image_size: int | tuple[int, int], radius: int = 3
+) -> Tensor:
     """(B,K,h,w) heatmaps -> (B,K,2) (x, y) in image pixels, pixel centres at integers.
 
     Argmax, refined by the weighted mean of its (2r+1)^2 window (weights: heatmap minus the
@@ -103,8 +112,11 @@ def heatmap_landmarks(heatmap: Tensor, image_size: int | tuple[int, int], radius
     ys = torch.div(idx, w, rounding_mode="floor")[:, None] + offs  # (BK, win)
     xs = (idx % w)[:, None] + offs  # (BK, win)
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
-    win = flat[torch.arange(b * k, device=flat.device)[:, None, None],
-               ys.clamp(0, h - 1)[:, :, None], xs.clamp(0, w - 1)[:, None, :]]  # (BK, win, win)
+    win = flat[
+        torch.arange(b * k, device=flat.device)[:, None, None],
+        ys.clamp(0, h - 1)[:, :, None],
+        xs.clamp(0, w - 1)[:, None, :],
+    ]  # (BK, win, win)
     weights = (win - win.amin(dim=(1, 2), keepdim=True)) * inside
     total = weights.sum(dim=(1, 2)).clamp(min=1e-12)  # flat window: weights 0, offset 0
     y = (weights.sum(2) * ys).sum(1) / total + (total <= 1e-12) * ys[:, radius]
@@ -123,21 +135,29 @@ def nme(pred: Tensor, target: Tensor, left: int = LEFT_EYE, right: int = RIGHT_E
     return torch.where(iod > 1e-6, err / iod.clamp(min=1e-6), math.nan)
 
 
-def emotion_metrics(read: dict[str, Tensor], expression: Tensor, valence: Tensor,
-                    arousal: Tensor, n_classes: int) -> dict[str, float]:
+def emotion_metrics(
+    read: dict[str, Tensor], expression: Tensor, valence: Tensor, arousal: Tensor, n_classes: int
+) -> dict[str, float]:
     """EmoNet readings vs labels; samples whose label is missing (-1, NaN, AffectNet's -2)
     or outside the EmoNet's classes (5-class model) are left out of that figure."""
     out: dict[str, float] = {}
     for name, truth in (("valence", valence), ("arousal", arousal)):
         keep = torch.isfinite(truth) & (truth != -2)
         p, t = read[name][keep], truth[keep]
-        out |= {f"{name}_rmse": rmse(p, t), f"{name}_ccc": ccc(p, t),
-                f"{name}_pcc": pearson(p, t), f"n_{name}": int(keep.sum())}
+        out |= {
+            f"{name}_rmse": rmse(p, t),
+            f"{name}_ccc": ccc(p, t),
+            f"{name}_pcc": pearson(p, t),
+            f"n_{name}": int(keep.sum()),
+        }
     keep = (expression >= 0) & (expression < n_classes)
     p, t = read["expression"][keep], expression[keep]
     acc = float((p == t).double().mean()) if t.numel() else math.nan
-    return out | {"expression_accuracy": acc, "expression_macro_f1": macro_f1(p, t),
-                  "n_expression": int(keep.sum())}
+    return out | {
+        "expression_accuracy": acc,
+        "expression_macro_f1": macro_f1(p, t),
+        "n_expression": int(keep.sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,13 +169,23 @@ def read_faces(emonet: torch.nn.Module, images: Tensor) -> dict[str, Tensor]:
     """(B,3,H,W) in [0,1] -> EmoNet's expression (B,) class, valence, arousal, landmarks (B,68,2)."""
     p = next(emonet.parameters())
     out = emonet(images.to(p.device, p.dtype))
-    return {"expression": out["expression"].argmax(1).cpu(),
-            "valence": out["valence"].float().cpu(), "arousal": out["arousal"].float().cpu(),
-            "landmarks": heatmap_landmarks(out["heatmap"], tuple(images.shape[-2:])).cpu()}
+    return {
+        "expression": out["expression"].argmax(1).cpu(),
+        "valence": out["valence"].float().cpu(),
+        "arousal": out["arousal"].float().cpu(),
+        "landmarks": heatmap_landmarks(out["heatmap"], tuple(images.shape[-2:])).cpu(),
+    }
 
 
-def generate_batch(pipe: Any, mode: str, maps: Tensor, prompts: list[str], seed: int,
-                   steps: int, guidance_scale: float) -> Tensor:
+def generate_batch(
+    pipe: Any,
+    mode: str,
+    maps: Tensor,
+    prompts: list[str],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+) -> Tensor:
     """(B,3N,H,W) maps -> (B,3,H,W) in [0,1], quantised to 8 bits as a saved PNG is.
 
     One CPU generator per sample, each seeded ``seed``: the noise ``infer --seed`` draws for a
@@ -164,16 +194,34 @@ def generate_batch(pipe: Any, mode: str, maps: Tensor, prompts: list[str], seed:
     b, _, h, w = maps.shape
     image: Any = list(maps.split(3, dim=1)) if mode == "multi" else maps
     gens = [torch.Generator("cpu").manual_seed(seed) for _ in range(b)]
-    out = pipe(prompts, image=image, height=h, width=w, num_inference_steps=steps,
-               guidance_scale=guidance_scale, generator=gens, output_type="np").images
+    out = pipe(
+        prompts,
+        image=image,
+        height=h,
+        width=w,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=gens,
+        output_type="np",
+    ).images
     arr = (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)  # (B,H,W,3)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
 
 
-def generate_and_read(pipe: Any, mode: str, critic: torch.nn.Module, ds: PreparedDataset,
-                      prompts: list[str], *, seed: int, steps: int, guidance_scale: float,
-                      batch_size: int, baseline: bool, grid_rows: int
-                      ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], list[dict]]:
+def generate_and_read(
+    pipe: Any,
+    mode: str,
+    critic: torch.nn.Module,
+    ds: PreparedDataset,
+    prompts: list[str],
+    *,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    baseline: bool,
+    grid_rows: int,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], list[dict]]:
     """Draw and read every sample, batch by batch.
 
     Returns EmoNet's readings per image kind (generated, real, baseline; each key (N,...),
@@ -190,10 +238,13 @@ def generate_and_read(pipe: Any, mode: str, critic: torch.nn.Module, ds: Prepare
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch"):
         stop = min(start + batch_size, len(ds))
         batch = collate([ds[i] for i in range(start, stop)])
-        draw = dict(prompts=prompts[start:stop], seed=seed, steps=steps,
-                    guidance_scale=guidance_scale)
-        images = {"generated": generate_batch(pipe, mode, batch.conditions, **draw),
-                  "real": (batch.pixel_values + 1) / 2}  # (B,3,H,W) in [0,1]
+        draw = dict(
+            prompts=prompts[start:stop], seed=seed, steps=steps, guidance_scale=guidance_scale
+        )
+        images = {
+            "generated": generate_batch(pipe, mode, batch.conditions, **draw),
+            "real": (batch.pixel_values + 1) / 2,
+        }  # (B,3,H,W) in [0,1]
         if baseline:  # every map zeroed: what the base draws from the caption alone
             images["baseline"] = generate_batch(pipe, mode, batch.conditions * 0, **draw)
         read = {kind: read_faces(critic, images[kind]) for kind in kinds}
@@ -205,13 +256,19 @@ def generate_and_read(pipe: Any, mode: str, critic: torch.nn.Module, ds: Prepare
             labels[key].append(getattr(batch, key))
         for i in range(min(stop, grid_rows) - start):
             shown.append({k: v[i] for k, v in images.items()} | {"maps": batch.conditions[i]})
-    return ({kind: {key: torch.cat([r[key] for r in rs]) for key in rs[0]}
-             for kind, rs in reads.items()},
-            {key: torch.cat(v) for key, v in labels.items()}, shown)
+    return (
+        {
+            kind: {key: torch.cat([r[key] for r in rs]) for key in rs[0]}
+            for kind, rs in reads.items()
+        },
+        {key: torch.cat(v) for key, v in labels.items()},
+        shown,
+    )
 
 
-def score(read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor], n_classes: int
-          ) -> dict[str, Any]:
+def score(
+    read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor], n_classes: int
+) -> dict[str, Any]:
     """The report's figures: each image kind against the labels (+ mean NME), and the
     generated faces against EmoNet's reading of the real ones (usable without labels)."""
     out: dict[str, Any] = {}
@@ -221,17 +278,30 @@ def score(read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor], n_class
             valid = r["nme"][r["nme"].isfinite()]
             out[kind]["nme"] = float(valid.mean()) if valid.numel() else math.nan
     teacher = {k: read["real"][k] for k in ("expression", "valence", "arousal")}
-    out["generated_vs_emonet_on_real"] = emotion_metrics(read["generated"], **teacher,
-                                                         n_classes=n_classes)
+    out["generated_vs_emonet_on_real"] = emotion_metrics(
+        read["generated"], **teacher, n_classes=n_classes
+    )
     out["published_emonet_affectnet"] = PUBLISHED_EMONET.get(n_classes, {})
     return out
 
 
-def evaluate(run: str | Path, data: str | Path, split: str = "val", n: int = 64,
-             out: str | Path | None = None, emonet: str | None = None, steps: int = 30,
-             guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 4,
-             baseline: bool = True, scheduler: str = "unipc", resolution: int | None = None,
-             device: str | None = None, grid_rows: int = 8) -> dict[str, Any]:
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    split: str = "val",
+    n: int = 64,
+    out: str | Path | None = None,
+    emonet: str | None = None,
+    steps: int = 30,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 4,
+    baseline: bool = True,
+    scheduler: str = "unipc",
+    resolution: int | None = None,
+    device: str | None = None,
+    grid_rows: int = 8,
+) -> dict[str, Any]:
     """Generate, read, score; write metrics.json, per_sample.jsonl, grid.png; return metrics.
 
     Every input is checked before the pipeline loads, so a typo fails in the first second.
@@ -255,21 +325,42 @@ def evaluate(run: str | Path, data: str | Path, split: str = "val", n: int = 64,
         raise EvaluationError(f"--emonet {spec}: {err}") from None
     pipe, info = load_pipeline(run, device=device, scheduler=scheduler)
     size = resolution or info.resolution
-    ds = PreparedDataset(data, records, info.conditions, size, pipe.tokenizer,
-                         cfg.data.caption_template, train=False)
+    ds = PreparedDataset(
+        data, records, info.conditions, size, pipe.tokenizer, cfg.data.caption_template, train=False
+    )
     prompts = [ds.caption(r) for r in records]
     read, labels, shown = generate_and_read(
-        pipe, info.mode, critic.to(pipe.device), ds, prompts, seed=seed, steps=steps,
-        guidance_scale=guidance_scale, batch_size=batch_size, baseline=baseline,
-        grid_rows=grid_rows)
+        pipe,
+        info.mode,
+        critic.to(pipe.device),
+        ds,
+        prompts,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        baseline=baseline,
+        grid_rows=grid_rows,
+    )
     metrics: dict[str, Any] = {
-        "n": len(records), "split": split, "run": str(run), "data": str(data),
+        "n": len(records),
+        "split": split,
+        "run": str(run),
+        "data": str(data),
         "emonet": {"source": spec, "n_expression": critic.n_expression},
         "warning": RANDOM_WARNING if spec == "random" else None,
-        "settings": {"steps": steps, "guidance_scale": guidance_scale, "seed": seed,
-                     "scheduler": scheduler, "resolution": size, "batch_size": batch_size,
-                     "conditions": info.conditions, "mode": info.mode,
-                     "base": info.base_model, "baseline": baseline},
+        "settings": {
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "scheduler": scheduler,
+            "resolution": size,
+            "batch_size": batch_size,
+            "conditions": info.conditions,
+            "mode": info.mode,
+            "base": info.base_model,
+            "baseline": baseline,
+        },
     } | score(read, labels, critic.n_expression)
     out = Path(out) if out is not None else Path(run) / "eval"
     samples = [_sample_row(i, r, prompts[i], read, labels) for i, r in enumerate(records)]
@@ -287,14 +378,25 @@ def _expr_name(i: int) -> str | None:
     return EXPRESSIONS[i] if 0 <= i < len(EXPRESSIONS) else None
 
 
-def _sample_row(i: int, rec: Any, prompt: str, read: dict[str, dict[str, Tensor]],
-                labels: dict[str, Tensor]) -> dict[str, Any]:
-    row: dict[str, Any] = {"index": i, "file_name": rec.file_name, "prompt": prompt, "label": {
-        "expression": _expr_name(int(labels["expression"][i])),
-        "valence": float(labels["valence"][i]), "arousal": float(labels["arousal"][i])}}
+def _sample_row(
+    i: int, rec: Any, prompt: str, read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "index": i,
+        "file_name": rec.file_name,
+        "prompt": prompt,
+        "label": {
+            "expression": _expr_name(int(labels["expression"][i])),
+            "valence": float(labels["valence"][i]),
+            "arousal": float(labels["arousal"][i]),
+        },
+    }
     for kind, r in read.items():
-        row[kind] = {"expression": _expr_name(int(r["expression"][i])),
-                     "valence": float(r["valence"][i]), "arousal": float(r["arousal"][i])}
+        row[kind] = {
+            "expression": _expr_name(int(r["expression"][i])),
+            "valence": float(r["valence"][i]),
+            "arousal": float(r["arousal"][i]),
+        }
         if "nme" in r:
             row[kind]["nme"] = float(r["nme"][i])
     return row
@@ -317,31 +419,42 @@ def _describe(r: dict[str, Any]) -> str:
     return " ".join([r["expression"] or "-", *va])
 
 
-def _write_outputs(out: Path, metrics: dict[str, Any], samples: list[dict[str, Any]],
-                   shown: list[dict[str, Tensor]], read: dict[str, dict[str, Tensor]],
-                   conditions: list[str]) -> None:
+def _write_outputs(
+    out: Path,
+    metrics: dict[str, Any],
+    samples: list[dict[str, Any]],
+    shown: list[dict[str, Tensor]],
+    read: dict[str, dict[str, Tensor]],
+    conditions: list[str],
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))
     (out / "per_sample.jsonl").write_text(
-        "".join(json.dumps(_finite(s), allow_nan=False) + "\n" for s in samples))
+        "".join(json.dumps(_finite(s), allow_nan=False) + "\n" for s in samples)
+    )
     rows = []
     for i, (s, img) in enumerate(zip(samples, shown, strict=False)):
         tiles = [(m, [c], None) for c, m in zip(conditions, img["maps"].split(3), strict=True)]
-        for kind, title in (("generated", "generated"), ("real", "target"),
-                            ("baseline", "no maps")):
+        for kind, title in (
+            ("generated", "generated"),
+            ("real", "target"),
+            ("baseline", "no maps"),
+        ):
             if kind not in img:
                 continue
             lines = [title, ("EmoNet " if kind == "real" else "") + _describe(s[kind])]
-            lines.append("label " + _describe(s["label"]) if kind == "real"
-                         else f"NME {s[kind]['nme']:.3f}")
+            lines.append(
+                "label " + _describe(s["label"]) if kind == "real" else f"NME {s[kind]['nme']:.3f}"
+            )
             tiles.append((img[kind], lines, read[kind]["landmarks"][i]))
         rows.append(tiles)
     if rows:  # --grid-rows 0: no picture
         grid_image(rows).save(out / "grid.png")
 
 
-def grid_image(rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_tile: int = 256
-               ) -> Image.Image:
+def grid_image(
+    rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_tile: int = 256
+) -> Image.Image:
     """Rows of (3,H,W) [0,1] tiles with text lines and (68,2) landmarks (or None) drawn on
     them; small tiles are upscaled so the text stays readable."""
     h = rows[0][0][0].shape[-1]
@@ -357,19 +470,34 @@ def grid_image(rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_ti
             for px, py in ((points + 0.5) * t / h - 0.5).tolist() if points is not None else []:
                 cx, cy = x * t + px, y * t + py
                 draw.ellipse((cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5), fill=(0, 255, 255))
-            draw.multiline_text((x * t + 3, y * t + 2), "\n".join(lines), font=font,
-                                fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
+            draw.multiline_text(
+                (x * t + 3, y * t + 2),
+                "\n".join(lines),
+                font=font,
+                fill=(255, 255, 0),
+                stroke_width=1,
+                stroke_fill=(0, 0, 0),
+            )
     return sheet
 
 
 def format_table(m: dict[str, Any]) -> str:
     """The headline figures, one row per image source."""
-    cols = [("val RMSE", "valence_rmse"), ("val CCC", "valence_ccc"),
-            ("aro RMSE", "arousal_rmse"), ("aro CCC", "arousal_ccc"),
-            ("expr acc", "expression_accuracy"), ("macro F1", "expression_macro_f1"),
-            ("NME", "nme")]
-    rows = [("generated", m["generated"]), ("no maps (baseline)", m.get("baseline")),
-            ("EmoNet on real", m["real"]), ("EmoNet paper", m["published_emonet_affectnet"])]
+    cols = [
+        ("val RMSE", "valence_rmse"),
+        ("val CCC", "valence_ccc"),
+        ("aro RMSE", "arousal_rmse"),
+        ("aro CCC", "arousal_ccc"),
+        ("expr acc", "expression_accuracy"),
+        ("macro F1", "expression_macro_f1"),
+        ("NME", "nme"),
+    ]
+    rows = [
+        ("generated", m["generated"]),
+        ("no maps (baseline)", m.get("baseline")),
+        ("EmoNet on real", m["real"]),
+        ("EmoNet paper", m["published_emonet_affectnet"]),
+    ]
     lines = [f"evaluate: {m['n']} samples of split {m['split']!r}, EmoNet {m['emonet']['source']}"]
     if m["warning"]:
         lines.append(f"WARNING: {m['warning']}")
@@ -378,9 +506,13 @@ def format_table(m: dict[str, Any]) -> str:
         if r is None:
             continue
         cells = [r.get(key) for _, key in cols]
-        lines.append(f"{name:20}" + "".join(
-            f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
-            for v in cells))
+        lines.append(
+            f"{name:20}"
+            + "".join(
+                f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
+                for v in cells
+            )
+        )
     return "\n".join(lines)
 
 
@@ -400,11 +532,15 @@ def add_evaluate_arguments(p: Any) -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0, help="the same seed for every sample, as infer")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--no-baseline", action="store_true",
-                   help="skip the control generation with all condition maps zeroed")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the control generation with all condition maps zeroed",
+    )
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image size (default: the training resolution)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image size (default: the training resolution)"
+    )
     p.add_argument("--grid-rows", type=int, default=8, help="samples shown in grid.png")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
 
@@ -412,11 +548,23 @@ def add_evaluate_arguments(p: Any) -> None:
 def run_evaluate(args: Any) -> int:
     """The ``evaluate`` subcommand; a bad input is one line on stderr, exit 2."""
     try:
-        evaluate(args.run_dir, args.data, split=args.split, n=args.n, out=args.out,
-                 emonet=args.emonet, steps=args.steps, guidance_scale=args.guidance_scale,
-                 seed=args.seed, batch_size=args.batch_size, baseline=not args.no_baseline,
-                 scheduler=args.scheduler, resolution=args.resolution, device=args.device,
-                 grid_rows=args.grid_rows)
+        evaluate(
+            args.run_dir,
+            args.data,
+            split=args.split,
+            n=args.n,
+            out=args.out,
+            emonet=args.emonet,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            baseline=not args.no_baseline,
+            scheduler=args.scheduler,
+            resolution=args.resolution,
+            device=args.device,
+            grid_rows=args.grid_rows,
+        )
     except (EvaluationError, InferenceError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .atomic import atomic_write
 from .data.dataset import load_rgb as _load_training_map
 from .data.transforms import resize_center_crop
-from .export import ExportError, ModelInfo, dtype_kwargs, load_controlnets, read_model_info
+from .model_info import ExportError, ModelInfo, dtype_kwargs, load_controlnets, read_model_info
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,13 @@ class InferenceError(ValueError):
 # Pipeline
 
 
-def load_pipeline(model: str | Path, base: str | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None, scheduler: str = "unipc"
-                  ) -> tuple[Any, ModelInfo]:
+def load_pipeline(
+    model: str | Path,
+    base: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    scheduler: str = "unipc",
+) -> tuple[Any, ModelInfo]:
     """A diffusers ControlNet pipeline for a run folder or an exported ControlNet folder.
 
     The base comes from the run (config.yaml / sidecar) unless ``base`` overrides it. A tuned
@@ -77,8 +81,12 @@ def load_pipeline(model: str | Path, base: str | None = None, device: str | None
     except ExportError as err:
         raise InferenceError(str(err)) from None
     controlnet = MultiControlNetModel(nets) if info.mode == "multi" else nets[0]
-    kwargs: dict[str, Any] = dict(controlnet=controlnet, safety_checker=None,
-                                  requires_safety_checker=False, **dtype_kwargs(dtype))
+    kwargs: dict[str, Any] = dict(
+        controlnet=controlnet,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **dtype_kwargs(dtype),
+    )
     if info.unet is not None:
         kwargs["unet"] = UNet2DConditionModel.from_pretrained(info.unet, **dtype_kwargs(dtype))
     path = resolve_pretrained(base)
@@ -88,7 +96,9 @@ def load_pipeline(model: str | Path, base: str | None = None, device: str | None
         else:
             pipe = StableDiffusionControlNetPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise InferenceError(f"base model {base!r}: cannot be loaded ({_first_line(err)})") from None
+        raise InferenceError(
+            f"base model {base!r}: cannot be loaded ({_first_line(err)})"
+        ) from None
     if info.unet_lora is not None:
         pipe.load_lora_weights(str(info.unet_lora))
     set_scheduler(pipe, scheduler)
@@ -119,9 +129,14 @@ def set_scheduler(pipe: Any, name: str) -> None:
 # Condition maps
 
 
-def load_condition_maps(info: ModelInfo, size: int, flame: str | Path | None = None,
-                        depth: str | Path | None = None, skeleton: str | Path | None = None,
-                        reference: str | Path | None = None) -> torch.Tensor:
+def load_condition_maps(
+    info: ModelInfo,
+    size: int,
+    flame: str | Path | None = None,
+    depth: str | Path | None = None,
+    skeleton: str | Path | None = None,
+    reference: str | Path | None = None,
+) -> torch.Tensor:
     """(3N, size, size) in [0, 1], in the model's condition order; a missing map is zeros.
 
     ``reference``: a photo from which the depth and skeleton maps the model needs (and that
@@ -139,8 +154,9 @@ def load_condition_maps(info: ModelInfo, size: int, flame: str | Path | None = N
         need = [c for c in ("depth", "skeleton") if c in info.conditions and c not in maps]
         maps.update(reference_maps(reference, size, need, info.depth_model))
     if not maps:
-        raise InferenceError("no condition map given (pass --flame, --depth, --skeleton or "
-                             "--reference)")
+        raise InferenceError(
+            "no condition map given (pass --flame, --depth, --skeleton or --reference)"
+        )
     _warn_on_aspect_mismatch({n: p for n, p in given.items() if p is not None})
     zeros = torch.zeros(3, size, size)
     return torch.cat([maps.get(name, zeros) for name in info.conditions])  # (3N,H,W)
@@ -164,8 +180,9 @@ def load_map(path: str | Path, size: int) -> torch.Tensor:
     return resize_center_crop(img, size).contiguous()
 
 
-def reference_maps(reference: str | Path, size: int, need: list[str],
-                   depth_model: str) -> dict[str, torch.Tensor]:
+def reference_maps(
+    reference: str | Path, size: int, need: list[str], depth_model: str
+) -> dict[str, torch.Tensor]:
     """Depth / skeleton maps derived from a photo (conditioners imported only when asked)."""
     if not need:
         return {}
@@ -201,18 +218,28 @@ def _warn_on_aspect_mismatch(paths: dict[str, str | Path]) -> None:
         with Image.open(path) as im:
             ratios[name] = im.width / im.height
     if ratios and max(ratios.values()) - min(ratios.values()) > 0.01:
-        log.warning("condition maps differ in aspect ratio (%s): their centre crops will not "
-                    "line up", ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+        log.warning(
+            "condition maps differ in aspect ratio (%s): their centre crops will not line up",
+            ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Generation
 
 
-def generate(pipe: Any, info: ModelInfo, maps: torch.Tensor, prompt: str,
-             negative_prompt: str = "", seed: int = 0, steps: int = 30,
-             guidance_scale: float = 7.5, scales: dict[str, float] | None = None,
-             controlnet_scale: float = 1.0) -> Image.Image:
+def generate(
+    pipe: Any,
+    info: ModelInfo,
+    maps: torch.Tensor,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 0,
+    steps: int = 30,
+    guidance_scale: float = 7.5,
+    scales: dict[str, float] | None = None,
+    controlnet_scale: float = 1.0,
+) -> Image.Image:
     """One image from prepared maps (3N, H, W).
 
     ``scales``: per-condition strength. Multi mode: each net's conditioning scale. Stacked
@@ -222,20 +249,35 @@ def generate(pipe: Any, info: ModelInfo, maps: torch.Tensor, prompt: str,
     scales = check_scales(info, scales)
     want = 3 * len(info.conditions)
     if maps.ndim != 3 or maps.shape[0] != want:
-        raise InferenceError(f"maps have shape {tuple(maps.shape)}; this model needs ({want}, H, W)")
+        raise InferenceError(
+            f"maps have shape {tuple(maps.shape)}; this model needs ({want}, H, W)"
+        )
     height, width = maps.shape[-2:]
     per_map = [maps[3 * i : 3 * i + 3][None] for i in range(len(info.conditions))]  # (1,3,H,W)
     if info.mode == "multi":
         image: Any = per_map
         cond_scale: Any = [controlnet_scale * scales.get(c, 1.0) for c in info.conditions]
     else:
-        image = torch.cat([m * scales[c] if c in scales else m
-                           for m, c in zip(per_map, info.conditions, strict=True)], dim=1)
+        image = torch.cat(
+            [
+                m * scales[c] if c in scales else m
+                for m, c in zip(per_map, info.conditions, strict=True)
+            ],
+            dim=1,
+        )
         cond_scale = controlnet_scale
     generator = torch.Generator("cpu").manual_seed(seed)
-    result = pipe(prompt, image=image, height=height, width=width, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, negative_prompt=negative_prompt or None,
-                  generator=generator, controlnet_conditioning_scale=cond_scale)
+    result = pipe(
+        prompt,
+        image=image,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt or None,
+        generator=generator,
+        controlnet_conditioning_scale=cond_scale,
+    )
     return result.images[0]
 
 
@@ -243,23 +285,22 @@ def check_scales(info: ModelInfo, scales: dict[str, float] | None) -> dict[str, 
     scales = dict(scales or {})
     unknown = sorted(set(scales) - set(info.conditions))
     if unknown:
-        raise InferenceError(f"--scale {unknown[0]}: not a condition of this model "
-                             f"({', '.join(info.conditions)})")
+        raise InferenceError(
+            f"--scale {unknown[0]}: not a condition of this model ({', '.join(info.conditions)})"
+        )
     return scales
 
 
 def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any]) -> Path:
     """Save as PNG with the settings in text chunks (one per key, a JSON one, and A1111's)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for key, value in settings.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     info.add_text("controlnet_emo", json.dumps(settings, default=str))
     info.add_text("parameters", _a1111_parameters(settings, image.size))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -268,10 +309,15 @@ def _a1111_parameters(s: dict[str, Any], size: tuple[int, int]) -> str:
     lines = [str(s.get("prompt", ""))]
     if s.get("negative_prompt"):
         lines.append(f"Negative prompt: {s['negative_prompt']}")
-    fields = {"Steps": s.get("steps"), "Sampler": s.get("scheduler"),
-              "CFG scale": s.get("guidance_scale"), "Seed": s.get("seed"),
-              "Size": f"{size[0]}x{size[1]}", "Model": s.get("base"),
-              "ControlNet": s.get("model")}
+    fields = {
+        "Steps": s.get("steps"),
+        "Sampler": s.get("scheduler"),
+        "CFG scale": s.get("guidance_scale"),
+        "Seed": s.get("seed"),
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": s.get("base"),
+        "ControlNet": s.get("model"),
+    }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 
@@ -280,8 +326,10 @@ def condition_sheet(info: ModelInfo, maps: torch.Tensor, image: Image.Image) -> 
     """conditions | result, side by side, each tile labelled."""
     from PIL import ImageDraw
 
-    tiles = [(name, _to_pil(maps[3 * i : 3 * i + 3]).resize(image.size))
-             for i, name in enumerate(info.conditions)] + [("result", image.convert("RGB"))]
+    tiles = [
+        (name, _to_pil(maps[3 * i : 3 * i + 3]).resize(image.size))
+        for i, name in enumerate(info.conditions)
+    ] + [("result", image.convert("RGB"))]
     w, h = image.size
     sheet = Image.new("RGB", (w * len(tiles), h))
     draw = ImageDraw.Draw(sheet)
@@ -316,19 +364,34 @@ def parse_scales(items: list[str] | None) -> dict[str, float]:
                 raise ValueError
             scales[name.strip()] = float(value)
         except ValueError:
-            raise InferenceError(f"--scale {item!r}: expected CONDITION=NUMBER, e.g. depth=0.5"
-                                 ) from None
+            raise InferenceError(
+                f"--scale {item!r}: expected CONDITION=NUMBER, e.g. depth=0.5"
+            ) from None
     return scales
 
 
-def infer(model: str | Path, flame: str | Path, prompt: str, out: str | Path,
-          depth: str | Path | None = None, skeleton: str | Path | None = None,
-          reference: str | Path | None = None, base: str | None = None, seed: int = 0,
-          steps: int = 30, guidance_scale: float = 7.5, negative_prompt: str = "",
-          scales: dict[str, float] | None = None, controlnet_scale: float = 1.0,
-          resolution: int | None = None, scheduler: str = "unipc", sheet: bool = False,
-          device: str | None = None, dtype: torch.dtype | None = None,
-          depth_model: str | None = None) -> list[Path]:
+def infer(
+    model: str | Path,
+    flame: str | Path,
+    prompt: str,
+    out: str | Path,
+    depth: str | Path | None = None,
+    skeleton: str | Path | None = None,
+    reference: str | Path | None = None,
+    base: str | None = None,
+    seed: int = 0,
+    steps: int = 30,
+    guidance_scale: float = 7.5,
+    negative_prompt: str = "",
+    scales: dict[str, float] | None = None,
+    controlnet_scale: float = 1.0,
+    resolution: int | None = None,
+    scheduler: str = "unipc",
+    sheet: bool = False,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    depth_model: str | None = None,
+) -> list[Path]:
     """Generate one image (``flame`` a file) or one per file (``flame`` a folder).
 
     Folder mode: ``depth`` / ``skeleton`` / ``reference`` are folders too, matched by file
@@ -345,28 +408,51 @@ def infer(model: str | Path, flame: str | Path, prompt: str, out: str | Path,
     prepared = [(dst, load_condition_maps(info, size, **src)) for dst, src in jobs]
     pipe, info = load_pipeline(model, base, device, dtype, scheduler)
     settings = {
-        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-        "guidance_scale": guidance_scale, "scheduler": scheduler, "model": str(model),
-        "base": base or info.base_model, "conditions": info.conditions,
-        "scales": dict(scales or {}), "controlnet_scale": controlnet_scale,
-        "resolution": size, "software": "controlnet-emo",
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "scheduler": scheduler,
+        "model": str(model),
+        "base": base or info.base_model,
+        "conditions": info.conditions,
+        "scales": dict(scales or {}),
+        "controlnet_scale": controlnet_scale,
+        "resolution": size,
+        "software": "controlnet-emo",
     }
     written = []
-    for (dst, maps), (_, src) in tqdm(list(zip(prepared, jobs, strict=True)), desc="infer",
-                                      unit="img", disable=len(prepared) == 1):
-        image = generate(pipe, info, maps, prompt, negative_prompt, seed, steps, guidance_scale,
-                         scales, controlnet_scale)
+    for (dst, maps), (_, src) in tqdm(
+        list(zip(prepared, jobs, strict=True)), desc="infer", unit="img", disable=len(prepared) == 1
+    ):
+        image = generate(
+            pipe,
+            info,
+            maps,
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            guidance_scale,
+            scales,
+            controlnet_scale,
+        )
         inputs = {k: str(v) for k, v in src.items() if v is not None}
         written.append(save_png(image, dst, {**settings, "inputs": inputs}))
         if sheet:
             sheet_path = dst.with_name(f"{dst.stem}_sheet.png")
-            written.append(save_png(condition_sheet(info, maps, image), sheet_path,
-                                    {**settings, "inputs": inputs}))
+            written.append(
+                save_png(
+                    condition_sheet(info, maps, image), sheet_path, {**settings, "inputs": inputs}
+                )
+            )
     return written
 
 
-def _jobs(flame: Path, out: Path, depth: Any, skeleton: Any, reference: Any
-          ) -> list[tuple[Path, dict[str, Path | None]]]:
+def _jobs(
+    flame: Path, out: Path, depth: Any, skeleton: Any, reference: Any
+) -> list[tuple[Path, dict[str, Path | None]]]:
     """(output path, map paths) per image, checking that every file exists."""
     extra = {"depth": depth, "skeleton": skeleton, "reference": reference}
     if not flame.exists():
@@ -379,8 +465,11 @@ def _jobs(flame: Path, out: Path, depth: Any, skeleton: Any, reference: Any
         return [(dst, {"flame": flame, **{k: _opt(v) for k, v in extra.items()}})]
     if out.exists() and not out.is_dir():
         raise InferenceError(f"{out}: --flame is a folder, so --out must be a folder")
-    files = sorted(p for p in flame.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in flame.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise InferenceError(f"{flame}: no images in this folder")
     folders = {k: Path(v) for k, v in extra.items() if v is not None}
@@ -389,8 +478,12 @@ def _jobs(flame: Path, out: Path, depth: Any, skeleton: Any, reference: Any
             raise InferenceError(f"{folder}: --{name} must be a folder when --flame is one")
     jobs = []
     for f in files:
-        src: dict[str, Path | None] = {"flame": f, "depth": None, "skeleton": None,
-                                       "reference": None}
+        src: dict[str, Path | None] = {
+            "flame": f,
+            "depth": None,
+            "skeleton": None,
+            "reference": None,
+        }
         for name, folder in folders.items():
             src[name] = _match_stem(folder, f.stem, name)
         jobs.append((out / f"{f.stem}.png", src))
@@ -414,49 +507,96 @@ _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": t
 
 def add_infer_arguments(p: Any) -> None:
     """Arguments of ``controlnet-emo infer`` (and ``python infer.py``)."""
-    p.add_argument("--model", required=True, type=Path,
-                   help="run folder, or an exported diffusers ControlNet folder (+ --base)")
-    p.add_argument("--flame", required=True, type=Path,
-                   help="FLAME render (PNG), or a folder of them (then --out is a folder)")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="run folder, or an exported diffusers ControlNet folder (+ --base)",
+    )
+    p.add_argument(
+        "--flame",
+        required=True,
+        type=Path,
+        help="FLAME render (PNG), or a folder of them (then --out is a folder)",
+    )
     p.add_argument("--depth", type=Path, help="depth map (file, or folder matched by name)")
     p.add_argument("--skeleton", type=Path, help="skeleton map (file, or folder matched by name)")
-    p.add_argument("--reference", type=Path,
-                   help="photo to derive the depth and skeleton maps from (conditioners)")
-    p.add_argument("--depth-model", default=None,
-                   help="depth network for --reference (default: the run's depth.model)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="photo to derive the depth and skeleton maps from (conditioners)",
+    )
+    p.add_argument(
+        "--depth-model",
+        default=None,
+        help="depth network for --reference (default: the run's depth.model)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--out", required=True, type=Path, help="output PNG (or folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--base", help="base SD model (hub id, folder, .safetensors); default: the run's")
-    p.add_argument("--scale", nargs="+", default=[], metavar="COND=S",
-                   help="per-condition strength, e.g. --scale flame=1.0 depth=0.5")
-    p.add_argument("--controlnet-scale", type=float, default=1.0,
-                   help="overall ControlNet conditioning scale")
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc",
-                   help="sampler (default unipc, as validation; 'default' = the base's own)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="output size (default: the training resolution)")
-    p.add_argument("--sheet", action="store_true",
-                   help="also write <out>_sheet.png: conditions | result side by side")
+    p.add_argument(
+        "--base", help="base SD model (hub id, folder, .safetensors); default: the run's"
+    )
+    p.add_argument(
+        "--scale",
+        nargs="+",
+        default=[],
+        metavar="COND=S",
+        help="per-condition strength, e.g. --scale flame=1.0 depth=0.5",
+    )
+    p.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="overall ControlNet conditioning scale"
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        default="unipc",
+        help="sampler (default unipc, as validation; 'default' = the base's own)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="output size (default: the training resolution)",
+    )
+    p.add_argument(
+        "--sheet",
+        action="store_true",
+        help="also write <out>_sheet.png: conditions | result side by side",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="auto",
-                   help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=tuple(_DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU"
+    )
 
 
 def run_infer(args: Any) -> int:
     """The ``infer`` subcommand: prints each written PNG; a bad input is one line, exit 2."""
     try:
         written = infer(
-            args.model, args.flame, args.prompt, args.out, depth=args.depth,
-            skeleton=args.skeleton, reference=args.reference, base=args.base, seed=args.seed,
-            steps=args.steps, guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt, scales=parse_scales(args.scale),
-            controlnet_scale=args.controlnet_scale, resolution=args.resolution,
-            scheduler=args.scheduler, sheet=args.sheet, device=args.device,
-            dtype=_DTYPES[args.dtype], depth_model=args.depth_model,
+            args.model,
+            args.flame,
+            args.prompt,
+            args.out,
+            depth=args.depth,
+            skeleton=args.skeleton,
+            reference=args.reference,
+            base=args.base,
+            seed=args.seed,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            scales=parse_scales(args.scale),
+            controlnet_scale=args.controlnet_scale,
+            resolution=args.resolution,
+            scheduler=args.scheduler,
+            sheet=args.sheet,
+            device=args.device,
+            dtype=_DTYPES[args.dtype],
+            depth_model=args.depth_model,
         )
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)

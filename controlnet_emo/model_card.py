@@ -9,10 +9,10 @@ card convention (``library_name``, ``base_model``, ``tags``).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .config import Config
 
 CONDITION_HELP = {
@@ -26,9 +26,7 @@ def write_model_card(run_dir: str | Path, cfg: Config, steps: int) -> Path:
     """Write ``RUN/README.md`` (atomically) and return its path."""
     run = Path(run_dir)
     path = run / "README.md"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(render_model_card(run, cfg, steps))
-    os.replace(tmp, path)
+    atomic_write_text(path, render_model_card(run, cfg, steps))
     return path
 
 
@@ -40,8 +38,12 @@ def render_model_card(run: Path, cfg: Config, steps: int) -> str:
         f"A ControlNet for `{cfg.model.pretrained}` that draws faces following "
         f"{_join(cfg.conditions)} maps and the emotion they carry. Trained with controlnet-emo "
         f"for {steps} steps at {cfg.data.resolution}x{cfg.data.resolution} px"
-        + (" (`tiny` is a random test model: this run checks the plumbing, not the faces)."
-           if cfg.model.pretrained == "tiny" else ".") + "\n",
+        + (
+            " (`tiny` is a random test model: this run checks the plumbing, not the faces)."
+            if cfg.model.pretrained == "tiny"
+            else "."
+        )
+        + "\n",
         _conditions_section(cfg, multi),
         _recipe_section(cfg, steps, run),
         _samples_section(run),
@@ -56,28 +58,50 @@ def _front_matter(cfg: Config) -> str:
     base = cfg.model.pretrained
     if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists():
         lines.append(f"base_model: {base}")  # a hub id; local paths mean nothing elsewhere
-    lines += ["tags:", *(f"- {t}" for t in ("controlnet", "stable-diffusion",
-                                              "stable-diffusion-diffusers", "controlnet-emo",
-                                              "face", "emotion", *cfg.conditions)),
-              "inference: false", "---", ""]
+    lines += [
+        "tags:",
+        *(
+            f"- {t}"
+            for t in (
+                "controlnet",
+                "stable-diffusion",
+                "stable-diffusion-diffusers",
+                "controlnet-emo",
+                "face",
+                "emotion",
+                *cfg.conditions,
+            )
+        ),
+        "inference: false",
+        "---",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _conditions_section(cfg: Config, multi: bool) -> str:
     rows = ["## Conditions", ""]
     if multi:
-        rows.append("Mode `multi`: one 3-channel ControlNet per condition (diffusers "
-                    "`MultiControlNetModel`), each driven by an ordinary RGB hint.\n")
+        rows.append(
+            "Mode `multi`: one 3-channel ControlNet per condition (diffusers "
+            "`MultiControlNetModel`), each driven by an ordinary RGB hint.\n"
+        )
         rows += ["| net | condition | map |", "| --- | --- | --- |"]
-        rows += [f"| `controlnet{'' if i == 0 else f'_{i}'}` | {c} | {CONDITION_HELP[c]} |"
-                 for i, c in enumerate(cfg.conditions)]
+        rows += [
+            f"| `controlnet{'' if i == 0 else f'_{i}'}` | {c} | {CONDITION_HELP[c]} |"
+            for i, c in enumerate(cfg.conditions)
+        ]
     else:
         n = 3 * len(cfg.conditions)
-        rows.append(f"Mode `stacked`: one ControlNet with {n} hint channels, the maps "
-                    "concatenated in this order (the order is also in the file's metadata).\n")
+        rows.append(
+            f"Mode `stacked`: one ControlNet with {n} hint channels, the maps "
+            "concatenated in this order (the order is also in the file's metadata).\n"
+        )
         rows += ["| channels | condition | map |", "| --- | --- | --- |"]
-        rows += [f"| {3 * i}-{3 * i + 2} | {c} | {CONDITION_HELP[c]} |"
-                 for i, c in enumerate(cfg.conditions)]
+        rows += [
+            f"| {3 * i}-{3 * i + 2} | {c} | {CONDITION_HELP[c]} |"
+            for i, c in enumerate(cfg.conditions)
+        ]
     rows.append(
         f"\nEvery map is RGB in [0, 1] at {cfg.data.resolution} px (shortest side resized, centre "
         f"crop). Training dropped each map with probability {cfg.data.condition_dropout}, so any "
@@ -91,8 +115,10 @@ def _recipe_section(cfg: Config, steps: int, run: Path) -> str:
     weights = {k: v for k, v in loss.weights().items() if v > 0}
     gamma = loss.diffusion.snr_gamma
     rows = [
-        "## Training recipe", "",
-        "| term | weight |", "| --- | --- |",
+        "## Training recipe",
+        "",
+        "| term | weight |",
+        "| --- | --- |",
         *(f"| {k} | {v:g} |" for k, v in weights.items()),
         "",
         f"- diffusion loss: {loss.diffusion.kind}"
@@ -114,27 +140,41 @@ def _recipe_section(cfg: Config, steps: int, run: Path) -> str:
 def _samples_section(run: Path) -> str:
     samples = sorted(run.glob("samples/step-*.png"), key=_step_of)
     if not samples:
-        return "## Samples\n\nNo validation grid yet (`samples/step-N.png` appear during training).\n"
+        return (
+            "## Samples\n\nNo validation grid yet (`samples/step-N.png` appear during training).\n"
+        )
     latest = samples[-1].relative_to(run).as_posix()
-    return (f"## Samples\n\nLatest validation grid (rows: conditions | generated | target):\n\n"
-            f"![validation samples at step {_step_of(samples[-1])}]({latest})\n")
+    return (
+        f"## Samples\n\nLatest validation grid (rows: conditions | generated | target):\n\n"
+        f"![validation samples at step {_step_of(samples[-1])}]({latest})\n"
+    )
 
 
 def _files_section(run: Path, cfg: Config, multi: bool) -> str:
-    rows = ["## Files", "", "- `controlnet/`: diffusers `ControlNetModel` folder"
-            + (", with `controlnet_1/`, ... one per condition" if multi else "")
-            + " (and `controlnet_emo.json`: condition order, base model, resolution)"]
+    rows = [
+        "## Files",
+        "",
+        "- `controlnet/`: diffusers `ControlNetModel` folder"
+        + (", with `controlnet_1/`, ... one per condition" if multi else "")
+        + " (and `controlnet_emo.json`: condition order, base model, resolution)",
+    ]
     if multi:
-        rows.append("- `controlnet_<condition>.safetensors`: one original-layout file per "
-                    "condition (ComfyUI / A1111)")
+        rows.append(
+            "- `controlnet_<condition>.safetensors`: one original-layout file per "
+            "condition (ComfyUI / A1111)"
+        )
     else:
-        rows.append("- `controlnet.safetensors`: original ControlNet layout (`control_model.` "
-                    "keys); its metadata holds the condition order, base model and recipe")
+        rows.append(
+            "- `controlnet.safetensors`: original ControlNet layout (`control_model.` "
+            "keys); its metadata holds the condition order, base model and recipe"
+        )
     if cfg.model.unet_trainable == "lora":
         rows.append("- `unet_lora/`: the UNet LoRA trained alongside (load it too)")
     elif cfg.model.unet_trainable != "none":
-        rows.append(f"- `unet/`: the UNet with its {cfg.model.unet_trainable} tuned (use it "
-                    "instead of the base UNet)")
+        rows.append(
+            f"- `unet/`: the UNet with its {cfg.model.unet_trainable} tuned (use it "
+            "instead of the base UNet)"
+        )
     rows += ["- `config.yaml`: the resolved training config; `metrics.jsonl`, `logs/`: curves", ""]
     return "\n".join(rows)
 
@@ -144,19 +184,25 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
     size = cfg.data.resolution
     names = cfg.conditions
     if multi:
-        load = ("from diffusers.pipelines.controlnet import MultiControlNetModel\n\n"
-                f'controlnet = MultiControlNetModel.from_pretrained("{run.name}/controlnet")')
-        hint = (f"hint = [{', '.join(names)}]  # each (1, 3, {size}, {size}) in [0, 1]")
+        load = (
+            "from diffusers.pipelines.controlnet import MultiControlNetModel\n\n"
+            f'controlnet = MultiControlNetModel.from_pretrained("{run.name}/controlnet")'
+        )
+        hint = f"hint = [{', '.join(names)}]  # each (1, 3, {size}, {size}) in [0, 1]"
     else:
         load = f'controlnet = ControlNetModel.from_pretrained("{run.name}/controlnet")'
-        hint = (f"hint = torch.cat([{', '.join(names)}], dim=1)  "
-                f"# (1, {3 * len(names)}, {size}, {size}) in [0, 1], this order")
+        hint = (
+            f"hint = torch.cat([{', '.join(names)}], dim=1)  "
+            f"# (1, {3 * len(names)}, {size}, {size}) in [0, 1], this order"
+        )
     unet = ""
     if cfg.model.unet_trainable == "lora":
         unet = f'pipe.load_lora_weights("{run.name}/unet_lora")\n'
     elif cfg.model.unet_trainable != "none":
-        unet = (f'pipe.unet = UNet2DConditionModel.from_pretrained("{run.name}/unet", '
-                "torch_dtype=torch.float16).to(\"cuda\")\n")
+        unet = (
+            f'pipe.unet = UNet2DConditionModel.from_pretrained("{run.name}/unet", '
+            'torch_dtype=torch.float16).to("cuda")\n'
+        )
     code = (
         "import torch\n"
         "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, "
@@ -177,27 +223,40 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
         "Copy each `controlnet_<condition>.safetensors` into `ComfyUI/models/controlnet/` "
         "(A1111: `extensions/sd-webui-controlnet/models/`), load the base checkpoint, and chain "
         "one *Apply ControlNet* per condition with its RGB map as the image."
-        if multi or len(names) == 1 else
-        f"`controlnet.safetensors` loads in ComfyUI (`models/controlnet/`) and A1111, which read "
+        if multi or len(names) == 1
+        else f"`controlnet.safetensors` loads in ComfyUI (`models/controlnet/`) and A1111, which read "
         f"its {3 * len(names)} hint channels from `input_hint_block.0.weight`; their hint "
         "inputs are RGB images, though, so drive this stacked net with `controlnet-emo infer` "
         "or diffusers. Train with `model.controlnet.mode: multi` for one RGB net per condition."
     )
-    return "\n".join([
-        "## Use it", "",
-        "### controlnet-emo", "",
-        "```bash",
-        f'controlnet-emo infer --model {run.name} --flame flame.png {extra} '
-        '--prompt "a photo of a happy face" --out face.png'.replace("  ", " "),
-        "```",
-        "`--reference photo.jpg` derives the depth and skeleton maps from a photo; missing maps "
-        "are zeros.", "",
-        "### diffusers", "",
-        "```python", code.rstrip(), "```", "",
-        "The original-layout file loads with `ControlNetModel.from_single_file(file, "
-        f'config="{run.name}/controlnet")`.', "",
-        "### ComfyUI / A1111", "", comfy, "",
-    ])
+    return "\n".join(
+        [
+            "## Use it",
+            "",
+            "### controlnet-emo",
+            "",
+            "```bash",
+            f"controlnet-emo infer --model {run.name} --flame flame.png {extra} "
+            '--prompt "a photo of a happy face" --out face.png'.replace("  ", " "),
+            "```",
+            "`--reference photo.jpg` derives the depth and skeleton maps from a photo; missing maps "
+            "are zeros.",
+            "",
+            "### diffusers",
+            "",
+            "```python",
+            code.rstrip(),
+            "```",
+            "",
+            "The original-layout file loads with `ControlNetModel.from_single_file(file, "
+            f'config="{run.name}/controlnet")`.',
+            "",
+            "### ComfyUI / A1111",
+            "",
+            comfy,
+            "",
+        ]
+    )
 
 
 def _last_metrics(run: Path) -> dict | None:

@@ -15,19 +15,17 @@ from safetensors import safe_open
 
 from controlnet_emo.config import Config
 from controlnet_emo.export import (
-    SIDECAR,
-    ExportError,
     add_export_arguments,
     export_run,
-    read_model_info,
     run_export,
     safetensors_metadata,
     save_diffusers,
-    to_original_layout,
     write_single_file,
 )
 from controlnet_emo.model_card import write_model_card
+from controlnet_emo.model_info import SIDECAR, ExportError, read_model_info
 from controlnet_emo.models.sd import load_sd
+from controlnet_emo.original_layout import to_original_layout
 
 CONDITIONS = ["flame", "depth", "skeleton"]
 
@@ -60,8 +58,13 @@ def make_run(root: Path, unet, mode: str = "stacked", steps: int = 7) -> tuple[P
     else:
         nets = [random_controlnet(unet, 3 * len(CONDITIONS))]
         model = nets[0]
-    info = {"conditions": CONDITIONS, "mode": mode, "base_model": "tiny", "resolution": 64,
-            "steps": steps}
+    info = {
+        "conditions": CONDITIONS,
+        "mode": mode,
+        "base_model": "tiny",
+        "resolution": 64,
+        "steps": steps,
+    }
     save_diffusers(model, root, info)
     return root, nets
 
@@ -82,7 +85,8 @@ def test_key_map_is_the_inverse_of_diffusers_reader_for_sd15_shapes():
     original = to_original_layout(state)
     assert len(original) == len(state)
     for key in (
-        "control_model.time_embed.0.weight", "control_model.time_embed.2.bias",
+        "control_model.time_embed.0.weight",
+        "control_model.time_embed.2.bias",
         "control_model.input_blocks.0.0.weight",
         "control_model.input_blocks.1.0.in_layers.0.weight",
         "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
@@ -95,7 +99,8 @@ def test_key_map_is_the_inverse_of_diffusers_reader_for_sd15_shapes():
         "control_model.middle_block.2.in_layers.2.weight",
         "control_model.middle_block_out.0.weight",
         "control_model.zero_convs.11.0.weight",
-        "control_model.input_hint_block.0.weight", "control_model.input_hint_block.12.weight",
+        "control_model.input_hint_block.0.weight",
+        "control_model.input_hint_block.12.weight",
         "control_model.input_hint_block.14.weight",
     ):
         assert key in original, key
@@ -122,7 +127,10 @@ def test_single_file_round_trip_and_metadata(tmp_path, tiny_unet):
         assert meta[key]
     assert meta["controlnet_emo.conditions"] == "flame,depth,skeleton"
     assert json.loads(meta["controlnet_emo.channels"]) == {
-        "flame": [0, 3], "depth": [3, 6], "skeleton": [6, 9]}
+        "flame": [0, 3],
+        "depth": [3, 6],
+        "skeleton": [6, 9],
+    }
     assert meta["controlnet_emo.base_model"] == "tiny"
     assert meta["controlnet_emo.steps"] == "7"
     assert json.loads(meta["controlnet_emo.loss_weights"])["lpips"] == pytest.approx(0.08)
@@ -140,7 +148,10 @@ def test_diffusers_export_round_trip(tmp_path, tiny_unet):
 def test_multi_mode_diffusers_layout_and_one_file_per_condition(tmp_path, tiny_unet):
     run, nets = make_run(tmp_path / "run", tiny_unet, mode="multi")
     assert [p.name for p in sorted(run.glob("controlnet*"))] == [
-        "controlnet", "controlnet_1", "controlnet_2"]
+        "controlnet",
+        "controlnet_1",
+        "controlnet_2",
+    ]
     multi = MultiControlNetModel.from_pretrained(str(run / "controlnet"))  # diffusers' loader
     for a, b in zip(multi.nets, nets, strict=True):
         assert_same_tensors(a, b)
@@ -169,8 +180,9 @@ def test_run_without_model_and_channel_mismatch_are_one_line_errors(tmp_path, ti
     with pytest.raises(ExportError, match="no trained model"):
         read_model_info(empty)
     with pytest.raises(ExportError, match="do not match"):
-        save_diffusers(random_controlnet(tiny_unet, 6), tmp_path / "bad",
-                       {"conditions": CONDITIONS})
+        save_diffusers(
+            random_controlnet(tiny_unet, 6), tmp_path / "bad", {"conditions": CONDITIONS}
+        )
 
 
 def test_sidecar_written_by_the_training_loop_keeps_the_config_values(tmp_path, tiny_unet):
@@ -200,7 +212,9 @@ def test_model_card(tmp_path, tiny_unet):
     cfg = Config()
     cfg.model.pretrained = "runwayml/stable-diffusion-v1-5"
     text = write_model_card(run, cfg, 100).read_text()
-    assert text.startswith("---\nlibrary_name: diffusers\nbase_model: runwayml/stable-diffusion-v1-5")
+    assert text.startswith(
+        "---\nlibrary_name: diffusers\nbase_model: runwayml/stable-diffusion-v1-5"
+    )
     assert "(samples/step-100.png)" in text
     assert "| 0-2 | flame |" in text and "| 6-8 | skeleton |" in text
     assert "| lpips | 0.08 |" in text

@@ -18,7 +18,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from controlnet_emo.config import Config
-from controlnet_emo.export import SIDECAR, ModelInfo, export_run, save_diffusers
+from controlnet_emo.export import export_run, save_diffusers
 from controlnet_emo.inference import (
     InferenceError,
     add_infer_arguments,
@@ -29,6 +29,7 @@ from controlnet_emo.inference import (
     load_pipeline,
     run_infer,
 )
+from controlnet_emo.model_info import SIDECAR, ModelInfo
 from controlnet_emo.models.sd import load_sd, resolve_pretrained
 
 CONDITIONS = ["flame", "depth", "skeleton"]
@@ -58,11 +59,22 @@ def make_run(root: Path, unet, mode: str = "stacked", conditions=CONDITIONS) -> 
     root.mkdir(parents=True)
     cfg.save(root / "config.yaml")
     if mode == "multi":
-        model = MultiControlNetModel([random_controlnet(unet, 3, i) for i in range(len(conditions))])
+        model = MultiControlNetModel(
+            [random_controlnet(unet, 3, i) for i in range(len(conditions))]
+        )
     else:
         model = random_controlnet(unet, 3 * len(conditions))
-    save_diffusers(model, root, {"conditions": list(conditions), "mode": mode,
-                                 "base_model": "tiny", "resolution": SIZE, "steps": 3})
+    save_diffusers(
+        model,
+        root,
+        {
+            "conditions": list(conditions),
+            "mode": mode,
+            "base_model": "tiny",
+            "resolution": SIZE,
+            "steps": 3,
+        },
+    )
     return root
 
 
@@ -94,7 +106,8 @@ def maps(tmp_path_factory) -> dict[str, Path]:
 def hand_built_pipeline(controlnet) -> StableDiffusionControlNetPipeline:
     """What a diffusers user writes: the base folder plus the exported ControlNet."""
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        resolve_pretrained("tiny"), controlnet=controlnet, safety_checker=None)
+        resolve_pretrained("tiny"), controlnet=controlnet, safety_checker=None
+    )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -110,16 +123,22 @@ def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
     controlnet = ControlNetModel.from_single_file(str(file), config=str(run / "controlnet"))
     hint = torch.cat([to_tensor(maps[c]) for c in CONDITIONS])[None]  # (1,9,H,W) in [0,1]
     expected = hand_built_pipeline(controlnet)(
-        "a photo of a happy face", image=hint, height=SIZE, width=SIZE, num_inference_steps=2,
-        generator=torch.Generator().manual_seed(5)).images[0]
+        "a photo of a happy face",
+        image=hint,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
 
     pipe, info = load_pipeline(run, device="cpu")
     ours = load_condition_maps(info, SIZE, **maps)
     assert torch.equal(ours, hint[0])
     image = generate(pipe, info, ours, "a photo of a happy face", seed=5, steps=2)
     assert np.array_equal(np.asarray(image), np.asarray(expected))
-    without = generate(pipe, info, torch.zeros_like(ours), "a photo of a happy face", seed=5,
-                       steps=2)
+    without = generate(
+        pipe, info, torch.zeros_like(ours), "a photo of a happy face", seed=5, steps=2
+    )
     assert not np.array_equal(np.asarray(without), np.asarray(image))  # the maps matter
 
 
@@ -128,12 +147,26 @@ def test_multi_mode_equals_a_plain_multicontrolnet_pipeline(tmp_path, tiny_unet,
     multi = MultiControlNetModel.from_pretrained(str(run / "controlnet"))
     hints = [to_tensor(maps[c])[None] for c in CONDITIONS]
     expected = hand_built_pipeline(multi)(
-        "a face", image=hints, height=SIZE, width=SIZE, num_inference_steps=2,
-        guidance_scale=1.0, controlnet_conditioning_scale=[1.0, 0.5, 1.0],
-        generator=torch.Generator().manual_seed(1)).images[0]
+        "a face",
+        image=hints,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        controlnet_conditioning_scale=[1.0, 0.5, 1.0],
+        generator=torch.Generator().manual_seed(1),
+    ).images[0]
     pipe, info = load_pipeline(run, device="cpu")
-    image = generate(pipe, info, load_condition_maps(info, SIZE, **maps), "a face", seed=1,
-                     steps=2, guidance_scale=1.0, scales={"depth": 0.5})
+    image = generate(
+        pipe,
+        info,
+        load_condition_maps(info, SIZE, **maps),
+        "a face",
+        seed=1,
+        steps=2,
+        guidance_scale=1.0,
+        scales={"depth": 0.5},
+    )
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 
@@ -142,12 +175,13 @@ def test_condition_order_comes_from_the_sidecar(tmp_path, maps):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"conditioning_channels": 9}))
     (folder / SIDECAR).write_text(json.dumps({"conditions": ["skeleton", "flame", "depth"]}))
-    from controlnet_emo.export import read_model_info
+    from controlnet_emo.model_info import read_model_info
 
     info = read_model_info(folder)
     assert info.conditions == ["skeleton", "flame", "depth"]
-    out = load_condition_maps(info, SIZE, flame=maps["flame"], depth=maps["depth"],
-                              skeleton=maps["skeleton"])
+    out = load_condition_maps(
+        info, SIZE, flame=maps["flame"], depth=maps["depth"], skeleton=maps["skeleton"]
+    )
     assert torch.equal(out[0:3], to_tensor(maps["skeleton"]))
     assert torch.equal(out[3:6], to_tensor(maps["flame"]))
     assert torch.equal(out[6:9], to_tensor(maps["depth"]))
@@ -178,8 +212,12 @@ def test_flame_of_any_size_and_mode_is_converted(tmp_path):
 @pytest.mark.parametrize("case", ["not_image", "missing", "folder", "wrong_condition"])
 def test_bad_maps_are_one_line_errors_naming_the_file(tmp_path, maps, case):
     info = ModelInfo(conditions=["flame", "depth"])
-    bad = {"not_image": tmp_path / "notes.png", "missing": tmp_path / "absent.png",
-           "folder": tmp_path, "wrong_condition": maps["skeleton"]}[case]
+    bad = {
+        "not_image": tmp_path / "notes.png",
+        "missing": tmp_path / "absent.png",
+        "folder": tmp_path,
+        "wrong_condition": maps["skeleton"],
+    }[case]
     (tmp_path / "notes.png").write_text("not a picture")
     kwargs = {"skeleton": bad} if case == "wrong_condition" else {"flame": bad}
     with pytest.raises(InferenceError) as err:
@@ -207,10 +245,29 @@ def test_cli_writes_png_with_text_chunks_and_reports_errors(run, maps, tmp_path,
     parser = argparse.ArgumentParser()
     add_infer_arguments(parser)
     out = tmp_path / "face.png"
-    args = parser.parse_args([
-        "--model", str(run), "--flame", str(maps["flame"]), "--depth", str(maps["depth"]),
-        "--prompt", "a photo of a sad face", "--out", str(out), "--seed", "9", "--steps", "2",
-        "--scale", "depth=0.5", "--sheet", "--device", "cpu"])  # 2 steps: UniPC's minimum
+    args = parser.parse_args(
+        [
+            "--model",
+            str(run),
+            "--flame",
+            str(maps["flame"]),
+            "--depth",
+            str(maps["depth"]),
+            "--prompt",
+            "a photo of a sad face",
+            "--out",
+            str(out),
+            "--seed",
+            "9",
+            "--steps",
+            "2",
+            "--scale",
+            "depth=0.5",
+            "--sheet",
+            "--device",
+            "cpu",
+        ]
+    )  # 2 steps: UniPC's minimum
     assert run_infer(args) == 0
     text = Image.open(out).text
     assert text["prompt"] == "a photo of a sad face" and text["seed"] == "9"
@@ -221,8 +278,18 @@ def test_cli_writes_png_with_text_chunks_and_reports_errors(run, maps, tmp_path,
     sheet = Image.open(tmp_path / "face_sheet.png")
     assert sheet.size == (4 * SIZE, SIZE)
     capsys.readouterr()
-    bad = parser.parse_args(["--model", str(run), "--flame", str(tmp_path / "nope.png"),
-                             "--prompt", "x", "--out", str(out)])
+    bad = parser.parse_args(
+        [
+            "--model",
+            str(run),
+            "--flame",
+            str(tmp_path / "nope.png"),
+            "--prompt",
+            "x",
+            "--out",
+            str(out),
+        ]
+    )
     assert run_infer(bad) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nope.png'}: no such file or folder"
@@ -233,8 +300,7 @@ def test_folder_batch(run, tmp_path):
     for i in range(2):
         write_image(flames / f"f{i}.png", pattern(SIZE, SIZE, 10 + i))
         write_image(depths / f"f{i}.jpg", pattern(SIZE, SIZE, 20 + i)[..., 0])
-    written = infer(run, flames, "a face", tmp_path / "out", depth=depths, steps=1,
-                    device="cpu")
+    written = infer(run, flames, "a face", tmp_path / "out", depth=depths, steps=1, device="cpu")
     assert [p.name for p in written] == ["f0.png", "f1.png"]
     assert all(Image.open(p).size == (SIZE, SIZE) for p in written)
     write_image(flames / "f2.png", pattern(SIZE, SIZE, 12))  # no f2 depth map
@@ -260,8 +326,9 @@ def test_reference_photo_derives_missing_maps(monkeypatch, tmp_path, maps):
     monkeypatch.setattr(conditioners.depth, "DepthConditioner", FakeDepth)
     monkeypatch.setattr(conditioners.skeleton, "SkeletonConditioner", FakeSkeleton)
     photo = write_image(tmp_path / "photo.jpg", pattern(80, 100, 7))
-    out = load_condition_maps(ModelInfo(conditions=CONDITIONS), SIZE, flame=maps["flame"],
-                              skeleton=None, reference=photo)
+    out = load_condition_maps(
+        ModelInfo(conditions=CONDITIONS), SIZE, flame=maps["flame"], skeleton=None, reference=photo
+    )
     assert torch.allclose(out[3:6], torch.full((3, SIZE, SIZE), 0.25))
     assert torch.allclose(out[6:9], torch.ones(3, SIZE, SIZE))
 
@@ -274,8 +341,14 @@ def test_tuned_unet_lora_is_loaded(tmp_path, tiny_unet, maps):
 
     run = make_run(tmp_path / "run", tiny_unet)
     unet = load_sd("tiny").unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights=False,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(run / "unet_lora", unet_lora_layers=layers)
     pipe, info = load_pipeline(run, device="cpu")

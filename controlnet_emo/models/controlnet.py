@@ -8,13 +8,18 @@ multi:   one 3-channel ``ControlNetModel`` per condition inside ``MultiControlNe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from ..config import Config
 
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+# The hint layout the sidecar and export metadata record too. diffusers is imported inside the
+# functions so that reading this (model_info, export) at CLI start-up stays cheap.
 CHANNELS_PER_CONDITION = 3
 
 
@@ -22,6 +27,9 @@ def build_controlnet(
     cfg: Config, unet: UNet2DConditionModel
 ) -> ControlNetModel | MultiControlNetModel:
     """New ControlNet(s) initialised from the UNet encoder, or loaded from ``controlnet.init``."""
+    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
     n = len(cfg.conditions)
     init = cfg.model.controlnet.init
     if cfg.model.controlnet.mode == "stacked":
@@ -57,6 +65,8 @@ def controlnet_residuals(
     conditions: torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Down-block and mid-block residuals for the UNet; conditions is (B,3N,H,W) in [0,1]."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
     if isinstance(controlnet, MultiControlNetModel):
         hints = list(conditions.split(CHANNELS_PER_CONDITION, dim=1))  # N x (B,3,H,W)
         scales = [1.0] * len(hints)

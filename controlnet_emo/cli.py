@@ -93,14 +93,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
     """Use the run as a user would: draw a face from one held-out FLAME render, then score."""
-    from .data.dataset import read_metadata
+    from .data.dataset import held_out_records
     from .evaluation import evaluate
     from .inference import infer
 
-    records = read_metadata(cfg.data.root, cfg.data.val_split, cfg.conditions)
-    if not records:
-        records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
-    first = records[0]
+    first = held_out_records(cfg)[0]
     root = Path(cfg.data.root)
     infer(
         out,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..config import Config
 from ..labels import EXPRESSION_WORDS
 from .batch import Batch
 from .transforms import paired_transform
@@ -167,6 +168,38 @@ class PreparedDataset(Dataset):
         if self.latent_moments is not None:
             sample["latent_moments"] = self.latent_moments[i]
         return sample
+
+
+def dataset_from_config(
+    cfg: Config,
+    records: list[Record],
+    tokenizer,
+    *,
+    train: bool,
+    latent_moments: torch.Tensor | None = None,
+) -> PreparedDataset:
+    """The dataset a run's config describes (training draws augmentations, eval does not)."""
+    d = cfg.data
+    return PreparedDataset(
+        d.root,
+        records,
+        cfg.conditions,
+        d.resolution,
+        tokenizer,
+        d.caption_template,
+        train=train,
+        seed=cfg.seed,
+        condition_dropout=d.condition_dropout,
+        caption_dropout=d.caption_dropout,
+        hflip=d.hflip,
+        latent_moments=latent_moments,
+    )
+
+
+def held_out_records(cfg: Config) -> list[Record]:
+    """The validation split, or the training split when a dataset has no held-out rows."""
+    records = read_metadata(cfg.data.root, cfg.data.val_split, cfg.conditions)
+    return records or read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
 
 
 def collate(samples: list[dict]) -> Batch:

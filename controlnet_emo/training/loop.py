@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from ..config import Config, gradient_accumulation_steps
 from ..data.dataset import (
-    PreparedDataset,
     StreamSampler,
     class_balance_weights,
     collate,
+    dataset_from_config,
+    held_out_records,
     read_metadata,
 )
 from ..models.controlnet import build_controlnet
@@ -252,19 +253,8 @@ def make_loader(
     records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
     records = records[: cfg.data.max_samples] if cfg.data.max_samples else records
     moments = cached_latents(cfg, models, accelerator, records) if cfg.data.cache_latents else None
-    dataset = PreparedDataset(
-        cfg.data.root,
-        records,
-        cfg.conditions,
-        cfg.data.resolution,
-        models.sd.tokenizer,
-        cfg.data.caption_template,
-        train=True,
-        seed=cfg.seed,
-        condition_dropout=cfg.data.condition_dropout,
-        caption_dropout=cfg.data.caption_dropout,
-        hflip=cfg.data.hflip,
-        latent_moments=moments,
+    dataset = dataset_from_config(
+        cfg, records, models.sd.tokenizer, train=True, latent_moments=moments
     )
     sampler = StreamSampler(
         len(dataset),
@@ -296,15 +286,7 @@ def cached_latents(
         / "latent_cache"
         / f"{cfg.data.train_split}-{cfg.data.resolution}.safetensors"
     )
-    plain = PreparedDataset(
-        cfg.data.root,
-        records,
-        cfg.conditions,
-        cfg.data.resolution,
-        models.sd.tokenizer,
-        cfg.data.caption_template,
-        train=False,
-    )
+    plain = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
 
     def build() -> torch.Tensor:
         return encode_moments(
@@ -324,19 +306,8 @@ def cached_latents(
 
 def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:
     """Fixed validation batches (val split, else the first train samples) and their prompts."""
-    records = read_metadata(cfg.data.root, cfg.data.val_split, cfg.conditions)
-    if not records:
-        records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
-    records = records[: cfg.train.validation_samples]
-    dataset = PreparedDataset(
-        cfg.data.root,
-        records,
-        cfg.conditions,
-        cfg.data.resolution,
-        models.sd.tokenizer,
-        cfg.data.caption_template,
-        train=False,
-    )
+    records = held_out_records(cfg)[: cfg.train.validation_samples]
+    dataset = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
     batches = [
         collate([dataset[i] for i in range(j, min(j + cfg.train.batch_size, len(dataset)))])
         for j in range(0, len(dataset), cfg.train.batch_size)

@@ -1,0 +1,272 @@
+"""Loss terms as pure functions of tensors, testable on CPU without any model.
+
+The training step calls ``diffusion_loss`` for the latent term and ``PixelLosses`` (which owns
+the frozen critics) for the pixel-space terms; each returns unweighted values so that every
+term is logged on its own and weighted in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+from torch.utils.checkpoint import checkpoint
+
+from .config import Config
+
+
+def diffusion_target(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler
+) -> torch.Tensor:
+    """What the UNet is trained to output: the noise (epsilon) or the velocity (v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR weights (Hang et al. 2023), diffusers' current form (FACTS.md).
+
+    epsilon: min(SNR, g) / SNR; v-prediction: min(SNR, g) / (SNR + 1).
+    """
+    snr = compute_snr(scheduler, timesteps)  # (B,)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    kind: str = "l1",
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """mean_b( snr_w(t_b) * D(pred_b, target_b) ), D = mean abs or mean squared error."""
+    err = model_pred.float() - target.float()
+    per_elem = err.abs() if kind == "l1" else err.pow(2)
+    per_sample = per_elem.mean(dim=tuple(range(1, per_elem.ndim)))  # (B,)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma).to(per_sample)
+    return per_sample.mean()
+
+
+def predict_x0(
+    noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps: torch.Tensor, scheduler
+) -> torch.Tensor:
+    """The clean latent implied by the model output at each sample's timestep.
+
+    epsilon: x0 = (x_t - sqrt(1-a) eps) / sqrt(a); v: x0 = sqrt(a) x_t - sqrt(1-a) v.
+    """
+    alphas = scheduler.alphas_cumprod.to(noisy_latents.device, torch.float32)[timesteps]
+    a = alphas.view(-1, *([1] * (noisy_latents.ndim - 1)))  # (B,1,1,1)
+    x_t, pred = noisy_latents.float(), model_pred.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * pred
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel-space terms
+
+
+def select_pixel_samples(
+    timesteps: torch.Tensor, max_timestep: int, count: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples of a micro-batch pay the decoder: a fixed count, so shapes stay static.
+
+    Samples with t < max_timestep come first, in batch order (timesteps and batch order are
+    already random, so this is an unbiased pick and draws no RNG, which keeps resumes exact).
+    If fewer than ``count`` are eligible the rest are still decoded, but masked out of the
+    terms: static shapes beat the saved compute (no recompiles, no DDP stragglers).
+    Returns (index (n,) long, keep (n,) bool).
+    """
+    b = timesteps.shape[0]
+    n = b if count is None else min(count, b)
+    eligible = timesteps < max_timestep  # (B,)
+    position = torch.arange(b, device=timesteps.device)
+    order = torch.argsort((~eligible).long() * b + position)  # eligible first, stable
+    index = order[:n]
+    return index, eligible[index]
+
+
+def masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over kept samples; 0 (still in the graph) when none is kept."""
+    per_sample = torch.where(keep, per_sample, torch.zeros_like(per_sample))
+    return per_sample.sum() / keep.sum().clamp(min=1)
+
+
+def to_emonet_input(images: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """(B,3,H,W) in [-1,1] -> (B,3,256,256) in [0,1], what EmoNet was trained on.
+
+    No clamp: clamping would zero the gradient of every saturated pixel. Downscaling is
+    antialiased (EmoNet's own resize is not, and would alias a 512 px face).
+    """
+    x = (images + 1) / 2
+    if x.shape[-2:] != (size, size):
+        antialias = x.shape[-1] > size
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
+        )
+    return x
+
+
+class PixelLosses(torch.nn.Module):
+    """Frozen critics + decoder; returns the unweighted pixel-space terms that are enabled.
+
+    Only what some term with weight > 0 needs is built: with every pixel/emotion weight 0 this
+    module holds nothing and returns {}. Terms, each a mean over the decoded samples kept by
+    ``select_pixel_samples``:
+
+    - ``pixel_l1``: mean |img_hat - ref| in [-1,1] (per image, never batch-normalised);
+    - ``lpips``: LPIPS(img_hat, ref), inputs in [-1,1];
+    - ``valence``, ``arousal``: |EmoNet(img_hat) - target|;
+    - ``expression``: cross-entropy of EmoNet(img_hat)'s logits against a target distribution.
+
+    ``ref`` is the real image for the SD VAE decoder and the decoder's own decoding of the real
+    latent for TAESD (so its bias cancels). Emotion targets: with ``target: labels`` a sample's
+    labels are used where known, and EmoNet on ``ref`` (no grad) stands in where a label is
+    unknown (valence/arousal NaN, expression -1 or outside EmoNet's classes), as DESIGN.md
+    says; with ``target: teacher`` EmoNet on ``ref`` is always the target. The expression
+    target is one-hot for a label and the teacher's softmax otherwise (soft distillation: its
+    minimum is the teacher's entropy, not 0).
+
+    Checkpointing ('full', the default): sample by sample, the decoder (with the SD VAE's
+    per-block checkpointing inside), LPIPS and EmoNet each run under their own checkpoint.
+    The forward keeps only each sample's x0 and decoded image; backward recomputes one
+    sample's critic or decoder at a time, so the memory the pixel terms add is about one
+    sample's largest piece whatever the batch, for one extra decoder and critic forward.
+    'blocks' is the decoder's own checkpointing alone, 'none' keeps everything.
+    """
+
+    EMOTION_TERMS = ("valence", "arousal", "expression")
+
+    def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str = "full"):
+        super().__init__()
+        from .models.critics import load_decoder, load_lpips
+        from .models.emonet import build_emonet
+
+        weights = cfg.loss.weights()
+        self.terms = tuple(k for k, w in weights.items() if k != "diffusion" and w > 0)
+        self.max_timestep = cfg.loss.pixel.max_timestep
+        self.samples_per_batch = cfg.loss.pixel.samples_per_batch
+        self.target = cfg.loss.emotion.target
+        self.decoder = load_decoder(cfg.model.decoder, vae) if self.terms else None
+        self.lpips = load_lpips(cfg.model.lpips_net, cfg.model.lpips_backbone) \
+            if "lpips" in self.terms else None
+        self.emonet = build_emonet(cfg.model.emonet) \
+            if any(t in self.terms for t in self.EMOTION_TERMS) else None
+        self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
+        self.set_checkpointing(checkpointing)
+
+    def set_checkpointing(self, mode: str) -> None:
+        """'full' (per-sample, see the class doc), 'blocks' (the decoder's own) or 'none'."""
+        if mode not in ("none", "blocks", "full"):
+            raise ValueError(f"checkpointing {mode!r}: expected none, blocks or full")
+        self.checkpointing = mode
+        if self.decoder is not None:
+            inner = mode == "blocks" or (mode == "full" and self.decoder.checkpoints_per_block)
+            self.decoder.set_checkpointing("blocks" if inner else "none")
+
+    def forward(self, noisy_latents: torch.Tensor, model_pred: torch.Tensor,
+                timesteps: torch.Tensor, scheduler, pixel_values: torch.Tensor,
+                latents: torch.Tensor, expression: torch.Tensor, valence: torch.Tensor,
+                arousal: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted enabled terms, each a scalar differentiable w.r.t. ``model_pred``.
+
+        noisy_latents, model_pred, latents: (B,4,h,w) in the scaled latent space; timesteps
+        (B,); pixel_values (B,3,8h,8w) in [-1,1]; expression (B,) long (-1 unknown); valence,
+        arousal (B,) float (NaN unknown).
+        """
+        if not self.terms:
+            return {}
+        index, keep = select_pixel_samples(timesteps, self.max_timestep, self.samples_per_batch)
+        x0 = predict_x0(noisy_latents[index], model_pred[index], timesteps[index], scheduler)
+        with torch.no_grad():
+            if self.decoder.decodes_reference:
+                reference = self.decoder(latents[index]).float()
+            else:
+                reference = pixel_values[index].float()  # (n,3,H,W)
+            goals = self._emotion_goals(reference, expression[index], valence[index],
+                                        arousal[index])
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            # sample by sample: backward then recomputes one sample's decoder or critic at a time
+            values = torch.cat([
+                self._sample_terms(x0[i:i + 1], reference[i:i + 1], *(g[i:i + 1] for g in goals))
+                for i in range(x0.shape[0])
+            ])  # (n, terms)
+        else:
+            values = self._sample_terms(x0, reference, *goals)
+        return {name: masked_mean(values[:, j], keep) for j, name in enumerate(self.terms)}
+
+    def _checkpointed(self, fn, *args):
+        """fn(*args), under its own checkpoint in 'full' mode: only its inputs are kept."""
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _sample_terms(self, x0: torch.Tensor, reference: torch.Tensor,
+                      *goals: torch.Tensor) -> torch.Tensor:
+        """(m,4,h,w) predicted x0 -> (m, terms) per-sample values, in ``self.terms`` order."""
+        image = self._checkpointed(self.decoder, x0).float()  # (m,3,H,W), grad flows to x0
+        out: dict[str, torch.Tensor] = {}
+        if "pixel_l1" in self.terms:
+            out["pixel_l1"] = (image - reference).abs().mean(dim=(1, 2, 3))
+        if self.lpips is not None:
+            out["lpips"] = self._checkpointed(self._lpips, image, reference)
+        if self.emonet is not None:
+            expression, valence, arousal = self._checkpointed(self._emonet, image)
+            v_goal, a_goal, e_goal = goals
+            if "valence" in self.terms:
+                out["valence"] = (valence - v_goal).abs()
+            if "arousal" in self.terms:
+                out["arousal"] = (arousal - a_goal).abs()
+            if "expression" in self.terms:
+                out["expression"] = F.cross_entropy(expression, e_goal, reduction="none")
+        return torch.stack([out[name] for name in self.terms], dim=1)  # (m, terms)
+
+    def _lpips(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.lpips.parameters()).dtype
+        return self.lpips(image.to(dtype), reference.to(dtype)).flatten().float()  # (m,)
+
+    def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,))."""
+        dtype = next(self.emonet.parameters()).dtype
+        pred = self.emonet(to_emonet_input(image).to(dtype))
+        return pred["expression"].float(), pred["valence"].float(), pred["arousal"].float()
+
+    def _emotion_goals(self, reference: torch.Tensor, expression: torch.Tensor,
+                       valence: torch.Tensor, arousal: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(valence (n,), arousal (n,), expression distribution (n,C)): labels where known,
+        EmoNet on the reference where not (or always, with ``target: teacher``)."""
+        if self.emonet is None:
+            return ()
+        device, classes = reference.device, self.emonet.n_expression
+        valence = valence.to(device, torch.float32)
+        arousal = arousal.to(device, torch.float32)
+        expression = expression.to(device)
+        known_e = (expression >= 0) & (expression < classes)
+        if self.target == "teacher":
+            known_e = torch.zeros_like(known_e)
+            valence = torch.full_like(valence, float("nan"))
+            arousal = torch.full_like(arousal, float("nan"))
+        onehot = F.one_hot(expression.clamp(0, classes - 1), classes).float()  # (n,C)
+        missing = {"valence": valence.isnan(), "arousal": arousal.isnan(), "expression": ~known_e}
+        if not any(bool(missing[t].any()) for t in self.terms if t in missing):
+            return valence, arousal, onehot
+        dtype = next(self.emonet.parameters()).dtype
+        teacher = self.emonet(to_emonet_input(reference).to(dtype))
+        teacher = {k: v.float() for k, v in teacher.items()}
+        return (
+            torch.where(valence.isnan(), teacher["valence"], valence),
+            torch.where(arousal.isnan(), teacher["arousal"], arousal),
+            torch.where(known_e[:, None], onehot, teacher["expression"].softmax(dim=1)),
+        )

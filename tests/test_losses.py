@@ -1,0 +1,323 @@
+"""Loss terms: exact values on hand-made inputs, min-SNR against its formula, which samples pay
+the decoder, and the gradient path from the emotion critic back into the ControlNet."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ControlNetModel, DDPMScheduler
+
+from controlnet_emo.config import load_config
+from controlnet_emo.losses import (
+    PixelLosses,
+    diffusion_loss,
+    diffusion_target,
+    masked_mean,
+    min_snr_weights,
+    predict_x0,
+    select_pixel_samples,
+    to_emonet_input,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+pytestmark = pytest.mark.filterwarnings("ignore:EmoNet has random weights")
+
+OFF = {
+    "loss.diffusion.weight": 0,
+    "loss.pixel_l1.weight": 0,
+    "loss.lpips.weight": 0,
+    "loss.emotion.valence": 0,
+    "loss.emotion.arousal": 0,
+    "loss.emotion.expression": 0,
+}
+
+
+def _cfg(**on):
+    """A config with every term off except those given (dotted keys with '__' for '.')."""
+    values = dict(OFF)
+    values.update({k.replace("__", "."): v for k, v in on.items()})
+    values.setdefault("model.lpips_backbone", "random")
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def _scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """SD's training schedule (scaled-linear betas 0.00085..0.012 over 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", prediction_type=prediction_type,
+    )
+
+
+# --- latent-space terms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_x0_prediction_inverts_the_noising(kind):
+    scheduler = _scheduler(kind)
+    torch.manual_seed(0)
+    latents, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    timesteps = torch.tensor([0, 250, 600, 999])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    exact = diffusion_target(latents, noise, timesteps, scheduler)  # the perfect model output
+    assert torch.allclose(predict_x0(noisy, exact, timesteps, scheduler), latents, atol=1e-4)
+
+
+def test_diffusion_target_is_noise_or_velocity():
+    latents, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    assert torch.equal(diffusion_target(latents, noise, t, _scheduler()), noise)
+    a = _scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
+    v = diffusion_target(latents, noise, t, _scheduler("v_prediction"))
+    assert torch.allclose(v, velocity, atol=1e-6)
+
+
+def test_min_snr_weights_match_the_formula_and_facts():
+    scheduler = _scheduler()
+    t = torch.arange(1000)
+    a = scheduler.alphas_cumprod.double()
+    snr = a / (1 - a)
+    w = min_snr_weights(scheduler, t, 0.8).double()
+    assert torch.allclose(w, torch.clamp(snr, max=0.8) / snr, rtol=1e-5)
+    first_one = int(torch.nonzero(w >= 1 - 1e-6)[0])
+    assert 380 <= first_one <= 395  # FACTS.md: 1 for t >= ~388
+    assert (w[first_one:] > 1 - 1e-6).all() and (w[:first_one] < 1).all()
+    assert w[0] == pytest.approx(0.0007, abs=1e-4)
+    assert w.mean() == pytest.approx(0.74, abs=0.01)
+    wv = min_snr_weights(_scheduler("v_prediction"), t, 0.8).double()
+    assert torch.allclose(wv, torch.clamp(snr, max=0.8) / (snr + 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_diffusion_loss_value(kind):
+    scheduler = _scheduler()
+    pred, target = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 2.0)
+    t = torch.tensor([0, 500])
+    per = torch.tensor([2.0, 2.0]) if kind == "l1" else torch.tensor([4.0, 4.0])
+    assert diffusion_loss(pred, target, t, scheduler, kind).item() == pytest.approx(per.mean())
+    w = min_snr_weights(scheduler, t, 0.8)
+    got = diffusion_loss(pred, target, t, scheduler, kind, snr_gamma=0.8)
+    assert got.item() == pytest.approx((per * w).mean().item(), rel=1e-6)
+
+
+# --- sample selection and helpers ------------------------------------------------------------
+
+
+def test_selection_is_static_low_noise_first_in_batch_order():
+    t = torch.tensor([900, 100, 700, 50])
+    index, keep = select_pixel_samples(t, max_timestep=400, count=3)
+    assert index.tolist() == [1, 3, 0] and keep.tolist() == [True, True, False]
+    index, keep = select_pixel_samples(t, max_timestep=1000, count=None)
+    assert index.tolist() == [0, 1, 2, 3] and keep.all()
+    index, keep = select_pixel_samples(t, max_timestep=10, count=2)
+    assert index.shape == (2,) and not keep.any()  # still decoded (static), masked out
+
+
+def test_masked_mean_ignores_masked_samples_even_if_not_finite():
+    per = torch.tensor([1.0, float("inf"), 3.0], requires_grad=True)
+    keep = torch.tensor([True, False, True])
+    value = masked_mean(per, keep)
+    assert value.item() == 2.0
+    value.backward()
+    assert per.grad.tolist() == [0.5, 0.0, 0.5]
+    assert masked_mean(per, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_emonet_input_is_unit_range_at_256():
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 512, 512)
+    y = to_emonet_input(x)
+    assert y.shape == (1, 3, 256, 256)
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.0, 0.5, 1.0]))
+
+
+# --- pixel and emotion terms on the tiny SD --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from controlnet_emo.models.sd import load_sd
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONTROLNET_EMO_CACHE", str(tmp_path_factory.mktemp("cache")))
+        sd = load_sd("tiny")
+    for part in (sd.vae, sd.unet, sd.text_encoder):
+        part.requires_grad_(False).eval()
+    return sd
+
+
+def _batch(sd, b: int = 2, size: int = 64, seed: int = 0):
+    """Real images, their latents, and an exact epsilon prediction (so x0_hat == x0)."""
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    with torch.no_grad():
+        latents = sd.vae.encode(pixel_values).latent_dist.mean * sd.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.tensor([20, 700, 300, 900][:b])
+    noisy = sd.scheduler.add_noise(latents, noise, timesteps)
+    labels = dict(
+        expression=torch.tensor([1, -1, 3, 0][:b]),
+        valence=torch.tensor([0.5, float("nan"), -0.2, 0.1][:b]),
+        arousal=torch.tensor([-0.3, 0.2, float("nan"), 0.4][:b]),
+    )
+    return dict(noisy_latents=noisy, model_pred=noise, timesteps=timesteps,
+                scheduler=sd.scheduler, pixel_values=pixel_values, latents=latents, **labels)
+
+
+def test_weight_zero_builds_and_returns_nothing(tiny_sd):
+    losses = PixelLosses(_cfg(loss__diffusion__weight=1), tiny_sd.vae)
+    assert losses.terms == () and losses.decoder is None
+    assert losses.lpips is None and losses.emonet is None
+    assert losses(**_batch(tiny_sd)) == {}
+    only_l1 = PixelLosses(_cfg(loss__pixel_l1__weight=1), tiny_sd.vae)
+    assert only_l1.terms == ("pixel_l1",) and only_l1.lpips is None and only_l1.emonet is None
+
+
+def test_identical_images_give_zero_l1_and_lpips(tiny_sd):
+    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1,
+                              model__lpips_net="alex"), tiny_sd.vae)
+    batch = _batch(tiny_sd)
+    with torch.no_grad():  # the real image is the VAE's own reconstruction: x0_hat == x0
+        batch["pixel_values"] = losses.decoder(batch["latents"])
+        terms = losses(**batch)
+        assert set(terms) == {"pixel_l1", "lpips"}
+        assert terms["pixel_l1"].item() == pytest.approx(0.0, abs=1e-4)
+        assert terms["lpips"].item() == pytest.approx(0.0, abs=1e-6)
+        batch["pixel_values"] = batch["pixel_values"] + 0.5  # every pixel off by 0.5
+        assert losses(**batch)["pixel_l1"].item() == pytest.approx(0.5, abs=1e-4)
+
+
+def test_taesd_compares_with_its_own_decoding_of_the_real_latent(tiny_sd, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4,
+                    ).save_pretrained(tmp_path / "taesd")
+    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, model__decoder=str(tmp_path / "taesd")),
+                         tiny_sd.vae)
+    with torch.no_grad():  # exact prediction: zero although the real image is unrelated noise
+        assert losses(**_batch(tiny_sd))["pixel_l1"].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_checkpointing_modes_give_the_same_gradient(tiny_sd):
+    torch.manual_seed(0)  # a random LPIPS trunk can be ill-conditioned; keep this one fixed
+    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1,
+                              model__lpips_net="alex"), tiny_sd.vae)
+    assert losses.checkpointing == "full" and tiny_sd.vae.decoder.gradient_checkpointing
+    batch = _batch(tiny_sd, b=3)
+    batch["model_pred"] = batch["model_pred"] + 0.3 * torch.randn_like(batch["model_pred"])
+    grads, values = {}, {}
+    for mode in ("none", "blocks", "full"):
+        losses.set_checkpointing(mode)
+        pred = batch["model_pred"].clone().requires_grad_(True)
+        terms = losses(**{**batch, "model_pred": pred})
+        (terms["pixel_l1"] + terms["lpips"]).backward()
+        grads[mode], values[mode] = pred.grad, {k: v.item() for k, v in terms.items()}
+    assert grads["none"].abs().sum() > 0
+    for mode in ("blocks", "full"):
+        assert values[mode] == pytest.approx(values["none"], rel=1e-5)
+        assert torch.allclose(grads[mode], grads["none"], atol=1e-6)
+    losses.set_checkpointing("full")
+
+
+def test_only_low_noise_samples_count(tiny_sd):
+    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__pixel__max_timestep=10,
+                              loss__pixel__samples_per_batch=1), tiny_sd.vae)
+    batch = _batch(tiny_sd)  # timesteps 20 and 700: none eligible -> 0, still differentiable
+    batch["model_pred"] = batch["model_pred"].clone().requires_grad_(True)
+    value = losses(**batch)["pixel_l1"]
+    assert value.item() == 0.0
+    value.backward()
+    assert batch["model_pred"].grad is not None and batch["model_pred"].grad.abs().sum() == 0
+
+
+def test_emotion_terms_against_labels_and_teacher(tiny_sd):
+    cfg = _cfg(loss__emotion__valence=1, loss__emotion__arousal=1, loss__emotion__expression=1)
+    losses = PixelLosses(cfg, tiny_sd.vae)
+    assert losses.decoder is not None and losses.lpips is None
+    batch = _batch(tiny_sd)
+    with torch.no_grad():
+        terms = losses(**batch)
+        image = losses.decoder(batch["latents"])  # what the exact prediction decodes to
+        pred = losses.emonet(to_emonet_input(image))
+        teacher = losses.emonet(to_emonet_input(batch["pixel_values"]))
+    assert set(terms) == {"valence", "arousal", "expression"}
+    # sample 0 has labels; sample 1's valence and expression fall back to the teacher
+    v_goal = torch.tensor([0.5, teacher["valence"][1].item()])
+    a_goal = torch.tensor([-0.3, 0.2])
+    assert terms["valence"].item() == pytest.approx(
+        (pred["valence"] - v_goal).abs().mean().item(), rel=1e-4, abs=1e-5)
+    assert terms["arousal"].item() == pytest.approx(
+        (pred["arousal"] - a_goal).abs().mean().item(), rel=1e-4, abs=1e-5)
+    logp = pred["expression"].log_softmax(1)
+    ce0 = -logp[0, 1]
+    ce1 = -(teacher["expression"][1].softmax(0) * logp[1]).sum()
+    assert terms["expression"].item() == pytest.approx(((ce0 + ce1) / 2).item(), rel=1e-4)
+
+
+def test_teacher_target_is_zero_for_a_perfect_prediction(tiny_sd):
+    cfg = _cfg(loss__emotion__valence=1, loss__emotion__arousal=1,
+               loss__emotion__target="teacher", loss__pixel__samples_per_batch=1)
+    losses = PixelLosses(cfg, tiny_sd.vae)
+    batch = _batch(tiny_sd)
+    with torch.no_grad():
+        batch["pixel_values"] = losses.decoder(batch["latents"])
+        terms = losses(**batch)
+    assert terms["valence"].item() == pytest.approx(0.0, abs=1e-3)
+    assert terms["arousal"].item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_emotion_gradient_reaches_the_controlnet(tiny_sd):
+    sd = tiny_sd
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd.unet, conditioning_channels=9)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    for conv in zero_convs:  # zero-init output convs block gradient to all but themselves
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    cfg = _cfg(loss__emotion__valence=0.03, loss__emotion__arousal=0.03,
+               loss__emotion__expression=0.02, loss__pixel__samples_per_batch=1)
+    losses = PixelLosses(cfg, sd.vae)
+    batch = _batch(sd)
+    ids = sd.tokenizer(["a photo of a happy face"] * 2, padding="max_length",
+                       max_length=sd.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = sd.text_encoder(ids)[0]
+    noisy, t = batch["noisy_latents"], batch["timesteps"]
+    down, mid = controlnet(noisy, t, encoder_hidden_states=text,
+                           controlnet_cond=torch.rand(2, 9, 64, 64), return_dict=False)
+    batch["model_pred"] = sd.unet(noisy, t, text, down_block_additional_residuals=down,
+                                  mid_block_additional_residual=mid).sample
+    terms = losses(**batch)
+    assert set(terms) == {"valence", "arousal", "expression"}
+    weights = cfg.loss.weights()
+    sum(weights[k] * v for k, v in terms.items()).backward()
+    grad = controlnet.controlnet_cond_embedding.conv_in.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(c.weight.grad.abs().sum() > 0 for c in zero_convs)
+    assert all(p.grad is None for p in losses.parameters())  # critics stay frozen
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def test_research_recipe_parses_as_the_research():
+    cfg = load_config(CONFIGS / "stableface_best.yaml")
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.model.emonet.startswith("SET-ME") and cfg.data.root.startswith("SET-ME")
+    assert cfg.conditions == ["flame", "depth", "skeleton"]
+    assert cfg.model.controlnet.mode == "stacked"
+    assert (cfg.model.lpips_net, cfg.model.decoder) == ("vgg", "vae")
+    assert cfg.loss.weights() == {"diffusion": 0.92, "pixel_l1": 0.0, "lpips": 0.08,
+                                  "valence": 0.03, "arousal": 0.03, "expression": 0.02}
+    assert (cfg.loss.diffusion.kind, cfg.loss.diffusion.snr_gamma) == ("l1", 0.8)
+    assert cfg.loss.pixel.max_timestep == 1000 and cfg.loss.pixel.samples_per_batch is None
+    assert cfg.data.resolution == 512 and cfg.train.learning_rate == 5e-6
+    assert (cfg.train.batch_size, cfg.train.total_batch_size) == (4, 1024)
+
+
+def test_fast_recipe_parses_with_its_cost_choices():
+    cfg = load_config(CONFIGS / "affectnet_fast.yaml")
+    assert (cfg.model.lpips_net, cfg.model.decoder) == ("alex", "taesd")
+    assert cfg.loss.pixel.max_timestep < 1000 and cfg.loss.pixel.samples_per_batch
+    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.loss.needs_decoder

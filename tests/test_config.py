@@ -99,3 +99,8 @@ def test_lr_scheduler_names_match_diffusers():
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
     with pytest.raises(ConfigError, match="train.lr_scheduler"):
         load_config(None, ["train.lr_scheduler=warmup_cosine"])
+
+
+def test_bare_no_means_the_string_choice():
+    # YAML 1.1 reads `no` as False; `--set train.mixed_precision=no` must still mean "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -1,6 +1,7 @@
 """The training loop on a tiny random SD: it learns, resumes exactly, and keeps its files."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -199,3 +200,26 @@ def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):
 
     out = run(tmp_path, prepared, "cached", **{"data.cache_latents": True, "train.max_steps": 2})
     assert (out / "latent_cache" / "train-64.safetensors").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["stableface_best.yaml", "affectnet_fast.yaml"])
+def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
+    """Each shipped recipe, with tiny stand-ins for its weights, runs and logs every term."""
+    from .test_critics import _tiny_taesd_folder
+
+    out = tmp_path / recipe
+    stand_ins = {
+        "model.pretrained": "tiny",
+        "model.emonet": "random",
+        "model.lpips_backbone": "random",
+        "train.mixed_precision": "no",
+        "train.max_steps": 2,
+    }
+    cfg = load_config(DEMO_CONFIG.parent / recipe, tiny_overrides(out, prepared, **stand_ins))
+    if cfg.model.decoder == "taesd":
+        cfg.model.decoder = _tiny_taesd_folder(tmp_path / "taesd")
+    train(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = {f"loss/{k}" for k, w in cfg.loss.weights().items() if w > 0}
+    assert expected <= rows[-1].keys()
+    assert all(math.isfinite(rows[-1][k]) for k in expected)

@@ -78,13 +78,25 @@ def build_sd15() -> dict:
         sample_size=512,
         scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=768,
-    ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 
@@ -111,8 +123,12 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
     """A variant's config (a shipped recipe, random critics) and its pixel checkpointing."""
     fit = [f"train.batch_size={batch}", f"train.total_batch_size={batch}"]
     if name == "latent_only":
-        off = ["loss.lpips.weight=0", "loss.emotion.valence=0", "loss.emotion.arousal=0",
-               "loss.emotion.expression=0"]
+        off = [
+            "loss.lpips.weight=0",
+            "loss.emotion.valence=0",
+            "loss.emotion.arousal=0",
+            "loss.emotion.expression=0",
+        ]
         return load_config(ROOT / "configs/stableface_best.yaml", fit + off), "full"
     if name in ("research", "research_nockpt"):
         cfg = load_config(ROOT / "configs/stableface_best.yaml", fit + _RANDOM_CRITICS)
@@ -120,8 +136,15 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
     if name == "fast":
         fast = load_config(ROOT / "configs/affectnet_fast.yaml")
         n = min(fast.loss.pixel.samples_per_batch or batch, batch)
-        over = fit + _RANDOM_CRITICS + [f"model.decoder={taesd}", "loss.pixel_l1.weight=0.05",
-                                        f"loss.pixel.samples_per_batch={n}"]
+        over = (
+            fit
+            + _RANDOM_CRITICS
+            + [
+                f"model.decoder={taesd}",
+                "loss.pixel_l1.weight=0.05",
+                f"loss.pixel.samples_per_batch={n}",
+            ]
+        )
         return load_config(ROOT / "configs/affectnet_fast.yaml", over), "full"
     raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
 
@@ -145,8 +168,11 @@ def cpu_step_peak_mb(fn) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [n for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
-              if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
+    events = [
+        n
+        for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
+        if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"
+    ]
     if not events:
         return 0.0
     events.sort(key=lambda n: n.start_time_ns)
@@ -203,9 +229,15 @@ class Bench:
         return dict(
             pixel_values=torch.rand(b, 3, r, r, generator=g, device=dev) * 2 - 1,
             cond=torch.rand(b, 9, r, r, generator=g, device=dev),
-            input_ids=torch.randint(0, 49000 if self.text_encoder.config.vocab_size > 49000
-                                    else self.text_encoder.config.vocab_size - 1, (b, 77),
-                                    generator=g, device=dev),
+            input_ids=torch.randint(
+                0,
+                49000
+                if self.text_encoder.config.vocab_size > 49000
+                else self.text_encoder.config.vocab_size - 1,
+                (b, 77),
+                generator=g,
+                device=dev,
+            ),
             expression=torch.randint(0, 8, (b,), generator=g, device=dev),
             valence=torch.rand(b, generator=g, device=dev) * 2 - 1,
             arousal=torch.rand(b, generator=g, device=dev) * 2 - 1,
@@ -220,23 +252,45 @@ class Bench:
             latents = ((dist.sample(self.generator) - shift) * vae.config.scaling_factor).float()
             text = self.text_encoder(batch["input_ids"])[0]
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=self.generator,
-                          device=self.device)
+        t = torch.randint(
+            0, sched.config.num_train_timesteps, (b,), generator=self.generator, device=self.device
+        )
         noisy = sched.add_noise(latents, noise, t)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype,
-                                  enabled=self.dtype != torch.float32)
+        autocast = torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
         with autocast:
-            down, mid = self.controlnet(noisy, t, encoder_hidden_states=text,
-                                        controlnet_cond=batch["cond"], return_dict=False)
-            pred = self.unet(noisy.to(self.dtype), t, text,
-                             down_block_additional_residuals=[d.to(self.dtype) for d in down],
-                             mid_block_additional_residual=mid.to(self.dtype)).sample
+            down, mid = self.controlnet(
+                noisy,
+                t,
+                encoder_hidden_states=text,
+                controlnet_cond=batch["cond"],
+                return_dict=False,
+            )
+            pred = self.unet(
+                noisy.to(self.dtype),
+                t,
+                text,
+                down_block_additional_residuals=[d.to(self.dtype) for d in down],
+                mid_block_additional_residual=mid.to(self.dtype),
+            ).sample
         d = cfg.loss.diffusion
         target = diffusion_target(latents, noise, t, sched)
         terms = {"diffusion": diffusion_loss(pred, target, t, sched, d.kind, d.snr_gamma)}
         with autocast:
-            terms.update(losses(noisy, pred, t, sched, batch["pixel_values"], latents,
-                                batch["expression"], batch["valence"], batch["arousal"]))
+            terms.update(
+                losses(
+                    noisy,
+                    pred,
+                    t,
+                    sched,
+                    batch["pixel_values"],
+                    latents,
+                    batch["expression"],
+                    batch["valence"],
+                    batch["arousal"],
+                )
+            )
         weights = cfg.loss.weights()
         sum(weights[k] * v.float() for k, v in terms.items()).backward()
         return {k: v.item() for k, v in terms.items()}
@@ -282,7 +336,8 @@ class Bench:
                 if i == 0 and self.device.type == "cpu":  # profiled: memory, not timing
                     v.losses.set_checkpointing(v.checkpointing)
                     v.step_mem_mb = cpu_step_peak_mb(
-                        lambda v=v: self.micro_step(v.cfg, v.losses, v.batch))
+                        lambda v=v: self.micro_step(v.cfg, v.losses, v.batch)
+                    )
                 else:
                     self.timed_step(v)
                 v.times.clear()
@@ -322,13 +377,17 @@ class Variant:
     def row(self, optimizer_s: float) -> dict:
         on = bool(self.losses.terms)
         return dict(
-            variant=self.name, step_s=round(statistics.median(self.times), 4),
+            variant=self.name,
+            step_s=round(statistics.median(self.times), 4),
             step_s_all=[round(x, 3) for x in self.times],
-            cpu_s=round(statistics.median(self.cpu_times), 3), optimizer_s=round(optimizer_s, 3),
-            resident_mb=round(self.resident_mb, 1), step_mem_mb=round(self.step_mem_mb, 1),
+            cpu_s=round(statistics.median(self.cpu_times), 3),
+            optimizer_s=round(optimizer_s, 3),
+            resident_mb=round(self.resident_mb, 1),
+            step_mem_mb=round(self.step_mem_mb, 1),
             peak_mem_mb=round(self.resident_mb + self.step_mem_mb, 1),
             peak_mem_mb_per_sample=round((self.resident_mb + self.step_mem_mb) / self.batch, 1),
-            terms=sorted(self.terms), decoder=self.cfg.model.decoder if on else None,
+            terms=sorted(self.terms),
+            decoder=self.cfg.model.decoder if on else None,
             pixel_checkpointing=self.checkpointing if on else None,
         )
 
@@ -341,14 +400,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--variants", default="latent_only,research,fast",
-                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="latent_only,research,fast",
+        help=f"comma-separated, from {', '.join(VARIANTS)}",
+    )
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3,
-                   help="timed micro-steps, gradients accumulating (the median is reported)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed micro-steps, gradients accumulating (the median is reported)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="default: bf16 on CUDA, fp32 on CPU",
+    )
     return p.parse_args(argv)
 
 
@@ -372,10 +442,17 @@ def main(argv: list[str] | None = None) -> None:
             row["time_ratio"] = round(row["step_s"] / base["step_s"], 2)
             row["cpu_time_ratio"] = round(row["cpu_s"] / base["cpu_s"], 2)
             row["mem_per_sample_ratio"] = round(
-                row["peak_mem_mb_per_sample"] / base["peak_mem_mb_per_sample"], 2)
+                row["peak_mem_mb_per_sample"] / base["peak_mem_mb_per_sample"], 2
+            )
             row["step_mem_ratio"] = round(row["step_mem_mb"] / max(base["step_mem_mb"], 1e-9), 2)
-        row.update(arch=args.arch, resolution=args.resolution, batch=args.batch,
-                   device=str(device), precision=precision, threads=torch.get_num_threads())
+        row.update(
+            arch=args.arch,
+            resolution=args.resolution,
+            batch=args.batch,
+            device=str(device),
+            precision=precision,
+            threads=torch.get_num_threads(),
+        )
         print(json.dumps(row), flush=True)
 
 

@@ -160,10 +160,16 @@ class PixelLosses(torch.nn.Module):
         self.samples_per_batch = cfg.loss.pixel.samples_per_batch
         self.target = cfg.loss.emotion.target
         self.decoder = load_decoder(cfg.model.decoder, vae) if self.terms else None
-        self.lpips = load_lpips(cfg.model.lpips_net, cfg.model.lpips_backbone) \
-            if "lpips" in self.terms else None
-        self.emonet = build_emonet(cfg.model.emonet) \
-            if any(t in self.terms for t in self.EMOTION_TERMS) else None
+        self.lpips = (
+            load_lpips(cfg.model.lpips_net, cfg.model.lpips_backbone)
+            if "lpips" in self.terms
+            else None
+        )
+        self.emonet = (
+            build_emonet(cfg.model.emonet)
+            if any(t in self.terms for t in self.EMOTION_TERMS)
+            else None
+        )
         self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
         self.set_checkpointing(checkpointing)
 
@@ -176,10 +182,18 @@ class PixelLosses(torch.nn.Module):
             inner = mode == "blocks" or (mode == "full" and self.decoder.checkpoints_per_block)
             self.decoder.set_checkpointing("blocks" if inner else "none")
 
-    def forward(self, noisy_latents: torch.Tensor, model_pred: torch.Tensor,
-                timesteps: torch.Tensor, scheduler, pixel_values: torch.Tensor,
-                latents: torch.Tensor, expression: torch.Tensor, valence: torch.Tensor,
-                arousal: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        model_pred: torch.Tensor,
+        timesteps: torch.Tensor,
+        scheduler,
+        pixel_values: torch.Tensor,
+        latents: torch.Tensor,
+        expression: torch.Tensor,
+        valence: torch.Tensor,
+        arousal: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Unweighted enabled terms, each a scalar differentiable w.r.t. ``model_pred``.
 
         noisy_latents, model_pred, latents: (B,4,h,w) in the scaled latent space; timesteps
@@ -195,14 +209,19 @@ class PixelLosses(torch.nn.Module):
                 reference = self.decoder(latents[index]).float()
             else:
                 reference = pixel_values[index].float()  # (n,3,H,W)
-            goals = self._emotion_goals(reference, expression[index], valence[index],
-                                        arousal[index])
+            goals = self._emotion_goals(
+                reference, expression[index], valence[index], arousal[index]
+            )
         if self.checkpointing == "full" and torch.is_grad_enabled():
             # sample by sample: backward then recomputes one sample's decoder or critic at a time
-            values = torch.cat([
-                self._sample_terms(x0[i:i + 1], reference[i:i + 1], *(g[i:i + 1] for g in goals))
-                for i in range(x0.shape[0])
-            ])  # (n, terms)
+            values = torch.cat(
+                [
+                    self._sample_terms(
+                        x0[i : i + 1], reference[i : i + 1], *(g[i : i + 1] for g in goals)
+                    )
+                    for i in range(x0.shape[0])
+                ]
+            )  # (n, terms)
         else:
             values = self._sample_terms(x0, reference, *goals)
         return {name: masked_mean(values[:, j], keep) for j, name in enumerate(self.terms)}
@@ -213,8 +232,9 @@ class PixelLosses(torch.nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _sample_terms(self, x0: torch.Tensor, reference: torch.Tensor,
-                      *goals: torch.Tensor) -> torch.Tensor:
+    def _sample_terms(
+        self, x0: torch.Tensor, reference: torch.Tensor, *goals: torch.Tensor
+    ) -> torch.Tensor:
         """(m,4,h,w) predicted x0 -> (m, terms) per-sample values, in ``self.terms`` order."""
         image = self._checkpointed(self.decoder, x0).float()  # (m,3,H,W), grad flows to x0
         out: dict[str, torch.Tensor] = {}
@@ -243,8 +263,13 @@ class PixelLosses(torch.nn.Module):
         pred = self.emonet(to_emonet_input(image).to(dtype))
         return pred["expression"].float(), pred["valence"].float(), pred["arousal"].float()
 
-    def _emotion_goals(self, reference: torch.Tensor, expression: torch.Tensor,
-                       valence: torch.Tensor, arousal: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _emotion_goals(
+        self,
+        reference: torch.Tensor,
+        expression: torch.Tensor,
+        valence: torch.Tensor,
+        arousal: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         """(valence (n,), arousal (n,), expression distribution (n,C)): labels where known,
         EmoNet on the reference where not (or always, with ``target: teacher``)."""
         if self.emonet is None:

@@ -43,8 +43,11 @@ def _cfg(**on):
 def _scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """SD's training schedule (scaled-linear betas 0.00085..0.012 over 1000 steps)."""
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type=prediction_type,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
     )
 
 
@@ -158,8 +161,15 @@ def _batch(sd, b: int = 2, size: int = 64, seed: int = 0):
         valence=torch.tensor([0.5, float("nan"), -0.2, 0.1][:b]),
         arousal=torch.tensor([-0.3, 0.2, float("nan"), 0.4][:b]),
     )
-    return dict(noisy_latents=noisy, model_pred=noise, timesteps=timesteps,
-                scheduler=sd.scheduler, pixel_values=pixel_values, latents=latents, **labels)
+    return dict(
+        noisy_latents=noisy,
+        model_pred=noise,
+        timesteps=timesteps,
+        scheduler=sd.scheduler,
+        pixel_values=pixel_values,
+        latents=latents,
+        **labels,
+    )
 
 
 def test_weight_zero_builds_and_returns_nothing(tiny_sd):
@@ -172,8 +182,9 @@ def test_weight_zero_builds_and_returns_nothing(tiny_sd):
 
 
 def test_identical_images_give_zero_l1_and_lpips(tiny_sd):
-    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1,
-                              model__lpips_net="alex"), tiny_sd.vae)
+    losses = PixelLosses(
+        _cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1, model__lpips_net="alex"), tiny_sd.vae
+    )
     batch = _batch(tiny_sd)
     with torch.no_grad():  # the real image is the VAE's own reconstruction: x0_hat == x0
         batch["pixel_values"] = losses.decoder(batch["latents"])
@@ -189,19 +200,24 @@ def test_taesd_compares_with_its_own_decoding_of_the_real_latent(tiny_sd, tmp_pa
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
-                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4,
-                    ).save_pretrained(tmp_path / "taesd")
-    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, model__decoder=str(tmp_path / "taesd")),
-                         tiny_sd.vae)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8,) * 4,
+        decoder_block_out_channels=(8,) * 4,
+        num_encoder_blocks=(1,) * 4,
+        num_decoder_blocks=(1,) * 4,
+    ).save_pretrained(tmp_path / "taesd")
+    losses = PixelLosses(
+        _cfg(loss__pixel_l1__weight=1, model__decoder=str(tmp_path / "taesd")), tiny_sd.vae
+    )
     with torch.no_grad():  # exact prediction: zero although the real image is unrelated noise
         assert losses(**_batch(tiny_sd))["pixel_l1"].item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_checkpointing_modes_give_the_same_gradient(tiny_sd):
     torch.manual_seed(0)  # a random LPIPS trunk can be ill-conditioned; keep this one fixed
-    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1,
-                              model__lpips_net="alex"), tiny_sd.vae)
+    losses = PixelLosses(
+        _cfg(loss__pixel_l1__weight=1, loss__lpips__weight=1, model__lpips_net="alex"), tiny_sd.vae
+    )
     assert losses.checkpointing == "full" and tiny_sd.vae.decoder.gradient_checkpointing
     batch = _batch(tiny_sd, b=3)
     batch["model_pred"] = batch["model_pred"] + 0.3 * torch.randn_like(batch["model_pred"])
@@ -220,8 +236,12 @@ def test_checkpointing_modes_give_the_same_gradient(tiny_sd):
 
 
 def test_only_low_noise_samples_count(tiny_sd):
-    losses = PixelLosses(_cfg(loss__pixel_l1__weight=1, loss__pixel__max_timestep=10,
-                              loss__pixel__samples_per_batch=1), tiny_sd.vae)
+    losses = PixelLosses(
+        _cfg(
+            loss__pixel_l1__weight=1, loss__pixel__max_timestep=10, loss__pixel__samples_per_batch=1
+        ),
+        tiny_sd.vae,
+    )
     batch = _batch(tiny_sd)  # timesteps 20 and 700: none eligible -> 0, still differentiable
     batch["model_pred"] = batch["model_pred"].clone().requires_grad_(True)
     value = losses(**batch)["pixel_l1"]
@@ -245,9 +265,11 @@ def test_emotion_terms_against_labels_and_teacher(tiny_sd):
     v_goal = torch.tensor([0.5, teacher["valence"][1].item()])
     a_goal = torch.tensor([-0.3, 0.2])
     assert terms["valence"].item() == pytest.approx(
-        (pred["valence"] - v_goal).abs().mean().item(), rel=1e-4, abs=1e-5)
+        (pred["valence"] - v_goal).abs().mean().item(), rel=1e-4, abs=1e-5
+    )
     assert terms["arousal"].item() == pytest.approx(
-        (pred["arousal"] - a_goal).abs().mean().item(), rel=1e-4, abs=1e-5)
+        (pred["arousal"] - a_goal).abs().mean().item(), rel=1e-4, abs=1e-5
+    )
     logp = pred["expression"].log_softmax(1)
     ce0 = -logp[0, 1]
     ce1 = -(teacher["expression"][1].softmax(0) * logp[1]).sum()
@@ -255,8 +277,12 @@ def test_emotion_terms_against_labels_and_teacher(tiny_sd):
 
 
 def test_teacher_target_is_zero_for_a_perfect_prediction(tiny_sd):
-    cfg = _cfg(loss__emotion__valence=1, loss__emotion__arousal=1,
-               loss__emotion__target="teacher", loss__pixel__samples_per_batch=1)
+    cfg = _cfg(
+        loss__emotion__valence=1,
+        loss__emotion__arousal=1,
+        loss__emotion__target="teacher",
+        loss__pixel__samples_per_batch=1,
+    )
     losses = PixelLosses(cfg, tiny_sd.vae)
     batch = _batch(tiny_sd)
     with torch.no_grad():
@@ -270,23 +296,40 @@ def test_emotion_gradient_reaches_the_controlnet(tiny_sd):
     sd = tiny_sd
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(sd.unet, conditioning_channels=9)
-    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                  controlnet.controlnet_cond_embedding.conv_out]
+    zero_convs = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
     for conv in zero_convs:  # zero-init output convs block gradient to all but themselves
         torch.nn.init.normal_(conv.weight, std=0.05)
-    cfg = _cfg(loss__emotion__valence=0.03, loss__emotion__arousal=0.03,
-               loss__emotion__expression=0.02, loss__pixel__samples_per_batch=1)
+    cfg = _cfg(
+        loss__emotion__valence=0.03,
+        loss__emotion__arousal=0.03,
+        loss__emotion__expression=0.02,
+        loss__pixel__samples_per_batch=1,
+    )
     losses = PixelLosses(cfg, sd.vae)
     batch = _batch(sd)
-    ids = sd.tokenizer(["a photo of a happy face"] * 2, padding="max_length",
-                       max_length=sd.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = sd.tokenizer(
+        ["a photo of a happy face"] * 2,
+        padding="max_length",
+        max_length=sd.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         text = sd.text_encoder(ids)[0]
     noisy, t = batch["noisy_latents"], batch["timesteps"]
-    down, mid = controlnet(noisy, t, encoder_hidden_states=text,
-                           controlnet_cond=torch.rand(2, 9, 64, 64), return_dict=False)
-    batch["model_pred"] = sd.unet(noisy, t, text, down_block_additional_residuals=down,
-                                  mid_block_additional_residual=mid).sample
+    down, mid = controlnet(
+        noisy,
+        t,
+        encoder_hidden_states=text,
+        controlnet_cond=torch.rand(2, 9, 64, 64),
+        return_dict=False,
+    )
+    batch["model_pred"] = sd.unet(
+        noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+    ).sample
     terms = losses(**batch)
     assert set(terms) == {"valence", "arousal", "expression"}
     weights = cfg.loss.weights()
@@ -307,8 +350,14 @@ def test_research_recipe_parses_as_the_research():
     assert cfg.conditions == ["flame", "depth", "skeleton"]
     assert cfg.model.controlnet.mode == "stacked"
     assert (cfg.model.lpips_net, cfg.model.decoder) == ("vgg", "vae")
-    assert cfg.loss.weights() == {"diffusion": 0.92, "pixel_l1": 0.0, "lpips": 0.08,
-                                  "valence": 0.03, "arousal": 0.03, "expression": 0.02}
+    assert cfg.loss.weights() == {
+        "diffusion": 0.92,
+        "pixel_l1": 0.0,
+        "lpips": 0.08,
+        "valence": 0.03,
+        "arousal": 0.03,
+        "expression": 0.02,
+    }
     assert (cfg.loss.diffusion.kind, cfg.loss.diffusion.snr_gamma) == ("l1", 0.8)
     assert cfg.loss.pixel.max_timestep == 1000 and cfg.loss.pixel.samples_per_batch is None
     assert cfg.data.resolution == 512 and cfg.train.learning_rate == 5e-6

@@ -130,8 +130,12 @@ class LatentDecoder(nn.Module):
     decoder + critics on top (its 'full' mode).
     """
 
-    def __init__(self, autoencoder: nn.Module, decodes_reference: bool,
-                 checkpointing: Checkpointing = "blocks"):
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        decodes_reference: bool,
+        checkpointing: Checkpointing = "blocks",
+    ):
         super().__init__()
         self.autoencoder = autoencoder
         self.decodes_reference = decodes_reference
@@ -169,8 +173,9 @@ class LatentDecoder(nn.Module):
         return self.autoencoder.decode(z).sample
 
 
-def load_decoder(spec: str, vae: nn.Module,
-                 checkpointing: Checkpointing = "blocks") -> LatentDecoder:
+def load_decoder(
+    spec: str, vae: nn.Module, checkpointing: Checkpointing = "blocks"
+) -> LatentDecoder:
     """The pixel-loss decoder: 'vae' (the SD VAE itself), 'taesd' (hub cache) or a TAESD folder.
 
     'taesd' is read from the Hugging Face cache only (``local_files_only``): a decoder for a

@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
-from controlnet_emo.config import Config
 from controlnet_emo.evaluation import (
     add_evaluate_arguments,
     ccc,
@@ -28,12 +25,10 @@ from controlnet_emo.evaluation import (
     rmse,
     run_evaluate,
 )
-from controlnet_emo.export import save_diffusers
 from controlnet_emo.inference import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
-from controlnet_emo.models.sd import load_sd
 
-CONDITIONS = ["flame", "depth", "skeleton"]
+from .runs import make_run
 
 # --------------------------------------------------------------------------------------------
 # Metric functions
@@ -52,7 +47,7 @@ def test_ccc_agreement_sign_and_shift():
 
 
 def test_rmse_and_macro_f1_by_hand():
-    assert rmse(torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])) == pytest.approx(12.5 ** 0.5)
+    assert rmse(torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])) == pytest.approx(12.5**0.5)
     pred, target = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
     # class 0: F1 = 2*1 / (2*1 + 1) = 2/3; class 1: 2*2 / (2*2 + 1) = 4/5
     assert macro_f1(pred, target) == pytest.approx((2 / 3 + 4 / 5) / 2)
@@ -61,11 +56,18 @@ def test_rmse_and_macro_f1_by_hand():
 
 
 def test_emotion_metrics_skip_missing_labels():
-    read = {"expression": torch.tensor([1, 2, 3]), "valence": torch.tensor([0.5, 0.0, 0.2]),
-            "arousal": torch.tensor([0.1, 0.2, 0.3])}
-    m = emotion_metrics(read, expression=torch.tensor([1, -1, 7]),
-                        valence=torch.tensor([0.5, float("nan"), 0.2]),
-                        arousal=torch.tensor([0.1, 0.2, -2.0]), n_classes=5)
+    read = {
+        "expression": torch.tensor([1, 2, 3]),
+        "valence": torch.tensor([0.5, 0.0, 0.2]),
+        "arousal": torch.tensor([0.1, 0.2, 0.3]),
+    }
+    m = emotion_metrics(
+        read,
+        expression=torch.tensor([1, -1, 7]),
+        valence=torch.tensor([0.5, float("nan"), 0.2]),
+        arousal=torch.tensor([0.1, 0.2, -2.0]),
+        n_classes=5,
+    )
     assert (m["n_valence"], m["n_arousal"], m["n_expression"]) == (2, 2, 1)
     assert m["valence_rmse"] == 0 and m["valence_ccc"] == pytest.approx(1.0)
     assert m["expression_accuracy"] == 1.0  # label 7 is outside a 5-class EmoNet: left out
@@ -102,29 +104,9 @@ def test_heatmap_landmarks_recover_gaussian_peaks(sigma):
 # The subcommand, end to end on a tiny run
 
 
-def make_run(root: Path, mode: str = "stacked") -> Path:
-    """A run folder with tiny, perturbed (so they matter) ControlNets at 64 px."""
-    root.mkdir(parents=True)
-    cfg = Config()
-    cfg.data.resolution = 64
-    cfg.model.controlnet.mode = mode
-    cfg.save(root / "config.yaml")
-    unet = load_sd("tiny").unet
-    nets = [ControlNetModel.from_unet(unet, conditioning_channels=3 if mode == "multi" else 9)
-            for _ in range(3 if mode == "multi" else 1)]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in (p for net in nets for p in net.parameters()):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    save_diffusers(MultiControlNetModel(nets) if mode == "multi" else nets[0], root,
-                   {"conditions": CONDITIONS, "mode": mode, "base_model": "tiny",
-                    "resolution": 64, "steps": 3})
-    return root
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("eval") / "run")
+    return make_run(tmp_path_factory.mktemp("eval") / "run")[0]
 
 
 class CheapEmoNet(torch.nn.Module):
@@ -141,8 +123,12 @@ class CheapEmoNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.head(x.mean(dim=(2, 3)))  # (B,10)
         heatmap = self.heat(torch.nn.functional.interpolate(x, size=(64, 64)))  # (B,68,64,64)
-        return {"expression": out[:, :8], "valence": out[:, 8], "arousal": out[:, 9],
-                "heatmap": heatmap}
+        return {
+            "expression": out[:, :8],
+            "valence": out[:, 8],
+            "arousal": out[:, 9],
+            "heatmap": heatmap,
+        }
 
 
 @pytest.fixture
@@ -162,21 +148,44 @@ def _finite_numbers(block: dict) -> bool:
     return all(isinstance(v, int | float) and math.isfinite(v) for v in block.values())
 
 
-def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys,
-                                                     cheap_emonet):
+def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys, cheap_emonet):
     out = tmp_path / "report"
-    rc = cli(run, "--data", prepared, "--split", "train", "--n", 3, "--steps", 2,
-             "--batch-size", 2, "--guidance-scale", 1, "--out", out, "--device", "cpu")
+    rc = cli(
+        run,
+        "--data",
+        prepared,
+        "--split",
+        "train",
+        "--n",
+        3,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--guidance-scale",
+        1,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", "random")
     assert "RANDOM" in m["warning"] and "WARNING" in capsys.readouterr().out
     assert m["settings"]["steps"] == 2 and m["settings"]["seed"] == 0
     for kind in ("generated", "baseline", "real", "generated_vs_emonet_on_real"):
-        keys = {"valence_rmse", "valence_ccc", "arousal_rmse", "arousal_ccc",
-                "expression_accuracy", "expression_macro_f1"}
+        keys = {
+            "valence_rmse",
+            "valence_ccc",
+            "arousal_rmse",
+            "arousal_ccc",
+            "expression_accuracy",
+            "expression_macro_f1",
+        }
         assert keys <= m[kind].keys() and _finite_numbers(
-            {k: m[kind][k] for k in keys if "ccc" not in k})
+            {k: m[kind][k] for k in keys if "ccc" not in k}
+        )
     assert math.isfinite(m["generated"]["nme"]) and math.isfinite(m["baseline"]["nme"])
     assert m["published_emonet_affectnet"]["expression_accuracy"] == 0.75
     rows = [json.loads(line) for line in (out / "per_sample.jsonl").read_text().splitlines()]
@@ -189,8 +198,23 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
 
 
 def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
-    assert cli(run, "--data", prepared, "--n", 1, "--steps", 2, "--no-baseline",
-               "--guidance-scale", 1, "--device", "cpu") == 0
+    assert (
+        cli(
+            run,
+            "--data",
+            prepared,
+            "--n",
+            1,
+            "--steps",
+            2,
+            "--no-baseline",
+            "--guidance-scale",
+            1,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["split"] == "val" and "baseline" not in m and m["settings"]["baseline"] is False
 
@@ -207,8 +231,9 @@ def test_read_faces_with_the_real_emonet():
 @pytest.mark.parametrize("mode", ["stacked", "multi"])
 def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
     """Any evaluated row can be redrawn with ``controlnet-emo infer --seed S``."""
-    pipe, info = load_pipeline(run if mode == "stacked" else make_run(tmp_path / "multi", mode),
-                               device="cpu")
+    pipe, info = load_pipeline(
+        run if mode == "stacked" else make_run(tmp_path / "multi", mode=mode)[0], device="cpu"
+    )
     assert info.mode == mode
     maps = torch.rand(2, 9, 64, 64, generator=torch.Generator().manual_seed(3))
     prompts = ["a photo of a happy face", "a photo of a sad face"]
@@ -222,8 +247,12 @@ def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
 @pytest.mark.parametrize("case", ["run", "data", "split", "emonet"])
 def test_bad_inputs_are_one_line_errors_naming_the_path(run, prepared, tmp_path, capsys, case):
     args = {"run": run, "--data": prepared, "--split": "val", "--emonet": "random"}
-    bad = {"run": tmp_path / "no_run", "--data": tmp_path / "no_data", "--split": "test",
-           "--emonet": tmp_path / "emonet_8.pth"}
+    bad = {
+        "run": tmp_path / "no_run",
+        "--data": tmp_path / "no_data",
+        "--split": "test",
+        "--emonet": tmp_path / "emonet_8.pth",
+    }
     key = {"run": "run", "data": "--data", "split": "--split", "emonet": "--emonet"}[case]
     args[key] = bad[key]
     argv = [args.pop("run")] + [x for kv in args.items() for x in kv]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,46 +26,12 @@ from controlnet_emo.model_info import SIDECAR, ExportError, read_model_info
 from controlnet_emo.models.sd import load_sd
 from controlnet_emo.original_layout import to_original_layout
 
-CONDITIONS = ["flame", "depth", "skeleton"]
+from .runs import CONDITIONS, make_run, random_controlnet
 
 
 @pytest.fixture(scope="session")
 def tiny_unet():
     return load_sd("tiny").unet
-
-
-def random_controlnet(unet, channels: int, seed: int = 0) -> ControlNetModel:
-    """from_unet, then every tensor perturbed: zero convs stop being zero, and a swapped key
-    could not hide behind two equal tensors."""
-    net = ControlNetModel.from_unet(unet, conditioning_channels=channels)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net
-
-
-def make_run(root: Path, unet, mode: str = "stacked", steps: int = 7) -> tuple[Path, list]:
-    cfg = Config()
-    cfg.model.controlnet.mode = mode
-    cfg.data.resolution = 64
-    root.mkdir(parents=True)
-    cfg.save(root / "config.yaml")
-    if mode == "multi":
-        nets = [random_controlnet(unet, 3, seed=i) for i in range(len(CONDITIONS))]
-        model = MultiControlNetModel(nets)
-    else:
-        nets = [random_controlnet(unet, 3 * len(CONDITIONS))]
-        model = nets[0]
-    info = {
-        "conditions": CONDITIONS,
-        "mode": mode,
-        "base_model": "tiny",
-        "resolution": 64,
-        "steps": steps,
-    }
-    save_diffusers(model, root, info)
-    return root, nets
 
 
 def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:

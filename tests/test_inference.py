@@ -18,7 +18,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from controlnet_emo.config import Config
-from controlnet_emo.export import export_run, save_diffusers
+from controlnet_emo.export import export_run
 from controlnet_emo.inference import (
     InferenceError,
     add_infer_arguments,
@@ -32,8 +32,7 @@ from controlnet_emo.inference import (
 from controlnet_emo.model_info import SIDECAR, ModelInfo
 from controlnet_emo.models.sd import load_sd, resolve_pretrained
 
-CONDITIONS = ["flame", "depth", "skeleton"]
-SIZE = 64
+from .runs import CONDITIONS, SIZE, make_run
 
 
 @pytest.fixture(scope="session")
@@ -41,46 +40,9 @@ def tiny_unet():
     return load_sd("tiny").unet
 
 
-def random_controlnet(unet, channels: int, seed: int = 0) -> ControlNetModel:
-    """Perturbed so the ControlNet visibly changes the output (zero convs are not zero)."""
-    net = ControlNetModel.from_unet(unet, conditioning_channels=channels)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net
-
-
-def make_run(root: Path, unet, mode: str = "stacked", conditions=CONDITIONS) -> Path:
-    cfg = Config()
-    cfg.conditions = list(conditions)
-    cfg.model.controlnet.mode = mode
-    cfg.data.resolution = SIZE
-    root.mkdir(parents=True)
-    cfg.save(root / "config.yaml")
-    if mode == "multi":
-        model = MultiControlNetModel(
-            [random_controlnet(unet, 3, i) for i in range(len(conditions))]
-        )
-    else:
-        model = random_controlnet(unet, 3 * len(conditions))
-    save_diffusers(
-        model,
-        root,
-        {
-            "conditions": list(conditions),
-            "mode": mode,
-            "base_model": "tiny",
-            "resolution": SIZE,
-            "steps": 3,
-        },
-    )
-    return root
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_unet) -> Path:
-    return make_run(tmp_path_factory.mktemp("infer") / "run", tiny_unet)
+    return make_run(tmp_path_factory.mktemp("infer") / "run", tiny_unet)[0]
 
 
 def write_image(path: Path, array: np.ndarray) -> Path:
@@ -143,7 +105,7 @@ def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
 
 
 def test_multi_mode_equals_a_plain_multicontrolnet_pipeline(tmp_path, tiny_unet, maps):
-    run = make_run(tmp_path / "multi", tiny_unet, mode="multi")
+    run, _ = make_run(tmp_path / "multi", tiny_unet, mode="multi")
     multi = MultiControlNetModel.from_pretrained(str(run / "controlnet"))
     hints = [to_tensor(maps[c])[None] for c in CONDITIONS]
     expected = hand_built_pipeline(multi)(
@@ -233,7 +195,7 @@ def test_model_errors(tmp_path, tiny_unet, maps):
     with pytest.raises(InferenceError, match="no trained model"):
         load_pipeline(empty)
     # A sidecar that claims two conditions beside a 9-channel net.
-    run = make_run(tmp_path / "run", tiny_unet)
+    run, _ = make_run(tmp_path / "run", tiny_unet)
     sidecar = run / "controlnet" / SIDECAR
     data = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**data, "conditions": ["flame", "depth"]}))
@@ -339,7 +301,7 @@ def test_tuned_unet_lora_is_loaded(tmp_path, tiny_unet, maps):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    run = make_run(tmp_path / "run", tiny_unet)
+    run, _ = make_run(tmp_path / "run", tiny_unet)
     unet = load_sd("tiny").unet
     unet.add_adapter(
         LoraConfig(

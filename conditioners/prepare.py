@@ -47,17 +47,13 @@ from conditioners.raw_data import (
 )
 from conditioners.skeleton import NoFaceError, SkeletonConditioner
 from controlnet_emo.config import Config
+from controlnet_emo.data.dataset import CONDITION_KEYS
 from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
 
 logger = logging.getLogger(__name__)
 
-# metadata column -> output folder. The training loader reads exactly these.
-OUTPUTS = {
-    "file_name": "images",
-    "flame_file_name": "flame",
-    "depth_file_name": "depth",
-    "skeleton_file_name": "skeleton",
-}
+# metadata column -> output folder: the columns the training loader reads (CONDITION_KEYS).
+OUTPUTS = {"file_name": "images", **{col: name for name, col in CONDITION_KEYS.items()}}
 PROGRESS = ".progress"
 
 

@@ -93,3 +93,21 @@ def tiny_overrides(out: Path, data: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def random_fan_home(tmp_path_factory) -> Path:
+    """TORCH_HOME holding a random-weight 2D FAN in the exact file face-alignment loads."""
+    from face_alignment.api import models_urls
+    from face_alignment.models import FAN
+
+    from conditioners.skeleton import fan_checkpoint_path
+
+    home = tmp_path_factory.mktemp("torch_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(home))
+        path = fan_checkpoint_path(models_urls["2DFAN-4"])
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(FAN(4).state_dict(), path)
+    return home

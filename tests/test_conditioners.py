@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conditioners.depth import (
@@ -24,7 +23,6 @@ from conditioners.skeleton import (
     NoFaceError,
     SkeletonConditioner,
     draw_skeleton,
-    fan_checkpoint_path,
 )
 from controlnet_emo.data.synthetic import crop_to_emoca, render_face, sample_face_params
 
@@ -302,18 +300,10 @@ def test_annotations_only_source_refuses_to_guess():
 
 
 @pytest.fixture(scope="module")
-def random_fan(tmp_path_factory):
-    """A FAN with random weights, saved exactly where and how face-alignment loads its own."""
-    from face_alignment.api import models_urls
-    from face_alignment.models import FAN
-
-    home = tmp_path_factory.mktemp("torch_home")
+def random_fan(random_fan_home):
+    """The FAN conditioner loaded from the random-weight file face-alignment looks for."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(home))
-        path = fan_checkpoint_path(models_urls["2DFAN-4"])
-        path.parent.mkdir(parents=True)
-        torch.manual_seed(0)
-        torch.save(FAN(4).state_dict(), path)
+        patch.setenv("TORCH_HOME", str(random_fan_home))
         conditioner = SkeletonConditioner("fan", device="cpu")
         conditioner.fan  # noqa: B018 - load now, while TORCH_HOME points at the random weights
     return conditioner

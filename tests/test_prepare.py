@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conditioners.prepare import (
@@ -22,7 +21,6 @@ from conditioners.prepare import (
     prepare_shard,
 )
 from conditioners.raw_data import read_raw_dataset, select_samples
-from conditioners.skeleton import fan_checkpoint_path
 from controlnet_emo.config import load_config
 from controlnet_emo.data.synthetic import CSV_COLUMNS, write_raw_dataset
 
@@ -116,22 +114,6 @@ def test_balancing_and_subset_size(synth_raw, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Bad inputs
-
-
-@pytest.fixture(scope="module")
-def random_fan_home(tmp_path_factory) -> Path:
-    """TORCH_HOME holding a random-weight FAN in the exact file face-alignment loads."""
-    from face_alignment.api import models_urls
-    from face_alignment.models import FAN
-
-    home = tmp_path_factory.mktemp("torch_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(home))
-        path = fan_checkpoint_path(models_urls["2DFAN-4"])
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(FAN(4).state_dict(), path)
-    return home
 
 
 class BadRaw:

@@ -45,7 +45,7 @@ from conditioners.raw_data import (
     select_samples,
     split_of,
 )
-from conditioners.skeleton import NoFaceError, SkeletonConditioner
+from conditioners.skeleton import NoFaceError, SkeletonConditioner, draw_skeleton
 from controlnet_emo.config import Config
 from controlnet_emo.data.dataset import CONDITION_KEYS
 from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
@@ -76,6 +76,7 @@ class Maps:
     image: np.ndarray  # (H, W, 3) uint8
     flame: np.ndarray  # (H, W, 3) uint8
     skeleton: np.ndarray  # (H, W, 3) uint8
+    landmarks: np.ndarray  # (68, 2) the skeleton's points, target-image pixels
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -220,14 +221,14 @@ class PrepareJob:
         box = tuple(v * scale for v in sample.box) if sample.box is not None else None
         landmarks = sample.landmarks * scale if sample.landmarks is not None else None
         flame, placement = self._flame(sample, image, box, landmarks)
-        skeleton, landmark_source = self._skeleton(image, landmarks, box)
+        skeleton, points, landmark_source = self._skeleton(image, landmarks, box)
         info = {
             "converted": converted,
             "flame_method": placement.method,
             "flame_match": round(placement.score, 4),
             "landmarks": landmark_source,
         }
-        return Maps(sample, image, flame, skeleton, info)
+        return Maps(sample, image, flame, skeleton, points, info)
 
     def _flame(self, sample: RawSample, image: np.ndarray, box: tuple | None, landmarks):
         crop, _ = _load(sample.sibling(self.raw_dir / "inputs"), "emoca_crop")
@@ -248,7 +249,9 @@ class PrepareJob:
         if source == "fan" and self.cfg.skeleton.source == "annotations":
             raise SampleSkip("no_landmarks", "skeleton.source=annotations")
         try:
-            return self.skeleton(image, landmarks, box), source
+            points = landmarks if source == "annotations" else self.skeleton.landmarks(image, box)
+            height, width = image.shape[:2]
+            return draw_skeleton(points, height, width), points, source
         except NoFaceError as err:
             raise SampleSkip(NoFaceError.reason, str(err)) from None
 
@@ -282,6 +285,8 @@ class PrepareJob:
             "arousal": sample.arousal,
             "split": split_of(sample.key, self.cfg.prepare.val_fraction),
             "source": sample.key,
+            # the target's 68 points (what evaluate's landmark NME compares against)
+            "landmarks": np.round(np.asarray(maps.landmarks, np.float64), 2).tolist(),
             "_info": maps.info,
         }
 

@@ -67,10 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """synth -> prepare -> train (configs/demo.yaml) -> export, all into runs/demo/."""
-    from conditioners.prepare import prepare_dataset
-
-    from .data.synthetic import write_raw_dataset
+    """synth -> prepare -> train (configs/demo.yaml) -> export -> infer -> evaluate, in OUT/."""
     from .training.loop import train
 
     out = Path(args.out)
@@ -78,10 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     cfg = load_config(args.config or REPO_CONFIGS / "demo.yaml", overrides)
-    raw = out / "raw"
-    if not (raw / "annotations.csv").is_file():
-        write_raw_dataset(raw, n=args.n, resolution=args.resolution, seed=cfg.seed)
-    prepare_dataset(raw, cfg.data.root, cfg)
+    prepare_demo_data(cfg, out / "raw", n=args.n, resolution=args.resolution)
     train(cfg)
     demo_infer_and_evaluate(cfg, out)
     print(
@@ -91,8 +85,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_FACES, DEMO_RESOLUTION, DEMO_EVAL_SAMPLES = 400, 64, 32
+DEMO_EVAL_CRITIC = "demo-critic-eval"
+"""The demo grades with the critic it did not train against (models/shipped.py)."""
+
+
+def prepare_demo_data(
+    cfg: Config, raw: Path, n: int | None = None, resolution: int | None = None
+) -> None:
+    """Synthetic raw faces (seeded by ``cfg.seed``; kept when already there), then prepare."""
+    from conditioners.prepare import prepare_dataset
+
+    from .data.synthetic import write_raw_dataset
+
+    if not (raw / "annotations.csv").is_file():
+        write_raw_dataset(
+            raw, n=n or DEMO_FACES, resolution=resolution or DEMO_RESOLUTION, seed=cfg.seed
+        )
+    prepare_dataset(raw, cfg.data.root, cfg)
+
+
 def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
-    """Use the run as a user would: draw a face from one held-out FLAME render, then score."""
+    """Use the run as a user would: draw faces from held-out FLAME renders, then score them
+    with the independent critic."""
     from .data.dataset import held_out_records
     from .evaluation import evaluate
     from .inference import infer
@@ -105,11 +120,228 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         prompt="a photo of a happy face",
         out=out / "infer" / "happy.png",
         steps=cfg.train.validation_steps,
+        guidance_scale=cfg.train.validation_guidance_scale,
         sheet=True,
         depth=root / first.maps["depth"] if "depth" in first.maps else None,
         skeleton=root / first.maps["skeleton"] if "skeleton" in first.maps else None,
     )
-    evaluate(out, root, split=cfg.data.val_split, n=4, steps=cfg.train.validation_steps)
+    evaluate(
+        out,
+        root,
+        split=cfg.data.val_split,
+        n=DEMO_EVAL_SAMPLES,
+        steps=cfg.train.validation_steps,
+        emonet=DEMO_EVAL_CRITIC,
+        guidance_scale=cfg.train.validation_guidance_scale,
+    )
+
+
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    from .pretrain.base import load_base_config, pretrain_base
+
+    model_dir = pretrain_base(load_base_config(args.config, args.overrides))
+    print(f"pretrained base written to {model_dir} (see pretrain_report.json, ../samples.png)")
+    return 0
+
+
+def cmd_train_critic(args: argparse.Namespace) -> int:
+    from .pretrain.critic import load_critic_config, train_critic
+
+    model_dir = train_critic(load_critic_config(args.config, args.overrides))
+    print(f"critic written to {model_dir} (see critic_report.json)")
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``controlnet-emo evaluate``."""
+    from .inference import SCHEDULERS
+
+    p.add_argument("run_dir", type=Path, help="training run folder")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--n", type=int, default=64, help="evaluate the first N samples of the split")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument(
+        "--emonet",
+        help="critic: EmoNet weights, a face-critic folder or a shipped name such as "
+        "demo-critic-eval (default: the run's model.emonet, which warns: self-grading)",
+    )
+    p.add_argument(
+        "--prompt", help="one prompt for every sample instead of its caption (e.g. neutral)"
+    )
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every sample, as infer")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the control generation with all condition maps zeroed",
+    )
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image size (default: the training resolution)"
+    )
+    p.add_argument("--grid-rows", type=int, default=8, help="samples shown in grid.png")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The ``evaluate`` subcommand; a bad input is one line on stderr, exit 2."""
+    from .config import ConfigError
+    from .evaluation import EvaluationError, evaluate
+    from .inference import InferenceError
+
+    try:
+        evaluate(
+            args.run_dir,
+            args.data,
+            split=args.split,
+            n=args.n,
+            out=args.out,
+            emonet=args.emonet,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            baseline=not args.no_baseline,
+            scheduler=args.scheduler,
+            resolution=args.resolution,
+            device=args.device,
+            grid_rows=args.grid_rows,
+            prompt=args.prompt,
+        )
+    except (EvaluationError, InferenceError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_scales(items: list[str] | None) -> dict[str, float]:
+    """``["flame=1.0", "depth=0.5"]`` -> {"flame": 1.0, "depth": 0.5}."""
+    scales = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            scales[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--scale {item!r}: expected CONDITION=NUMBER, e.g. depth=0.5"
+            ) from None
+    return scales
+
+
+def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``controlnet-emo infer`` (and ``python infer.py``)."""
+    from .inference import SCHEDULERS
+
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="run folder, or an exported diffusers ControlNet folder (+ --base)",
+    )
+    p.add_argument(
+        "--flame",
+        required=True,
+        type=Path,
+        help="FLAME render (PNG), or a folder of them (then --out is a folder)",
+    )
+    p.add_argument("--depth", type=Path, help="depth map (file, or folder matched by name)")
+    p.add_argument("--skeleton", type=Path, help="skeleton map (file, or folder matched by name)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="photo to derive the depth and skeleton maps from (conditioners)",
+    )
+    p.add_argument(
+        "--depth-model",
+        default=None,
+        help="depth network for --reference (default: the run's depth.model)",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", required=True, type=Path, help="output PNG (or folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument(
+        "--base", help="base SD model (hub id, folder, .safetensors); default: the run's"
+    )
+    p.add_argument(
+        "--scale",
+        nargs="+",
+        default=[],
+        metavar="COND=S",
+        help="per-condition strength, e.g. --scale flame=1.0 depth=0.5",
+    )
+    p.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="overall ControlNet conditioning scale"
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        default="unipc",
+        help="sampler (default unipc, as validation; 'default' = the base's own)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="output size (default: the training resolution)",
+    )
+    p.add_argument(
+        "--sheet",
+        action="store_true",
+        help="also write <out>_sheet.png: conditions | result side by side",
+    )
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="auto: fp16 on GPU, fp32 on CPU",
+    )
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """The ``infer`` subcommand: prints each written PNG; a bad input is one line, exit 2."""
+    import torch
+
+    from .inference import InferenceError, infer
+
+    dtypes = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    try:
+        written = infer(
+            args.model,
+            args.flame,
+            args.prompt,
+            args.out,
+            depth=args.depth,
+            skeleton=args.skeleton,
+            reference=args.reference,
+            base=args.base,
+            seed=args.seed,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            scales=parse_scales(args.scale),
+            controlnet_scale=args.controlnet_scale,
+            resolution=args.resolution,
+            scheduler=args.scheduler,
+            sheet=args.sheet,
+            device=args.device,
+            dtype=dtypes[args.dtype],
+            depth_model=args.depth_model,
+        )
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,16 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> export on a tiny model")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--n", type=int, default=96, help="synthetic faces to generate")
-    p.add_argument("--resolution", type=int, default=128, help="synthetic image size")
+    p.add_argument("--n", type=int, default=None, help="synthetic faces (default 400)")
+    p.add_argument("--resolution", type=int, default=None, help="synthetic image size (64)")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     add_config_arguments(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("pretrain-base", help="pretrain the small demo SD on synthetic faces")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_pretrain_base)
+
+    p = sub.add_parser("train-critic", help="train an EmoNet-contract face critic")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train_critic)
+
     # These stages register their own arguments beside the code that reads them.
-    from .evaluation import add_evaluate_arguments, run_evaluate
     from .export import add_export_arguments, run_export
-    from .inference import add_infer_arguments, run_infer
 
     stages = {
         "infer": ("faces from FLAME renders (+ depth, skeleton)", add_infer_arguments, run_infer),

@@ -155,6 +155,8 @@ class TrainConfig:
     validate_every: int = 250
     validation_samples: int = 4
     validation_steps: int = 20
+    validation_guidance_scale: float = 7.5
+    """Classifier-free guidance of the validation grids (and the demo's infer / evaluate)."""
     report_to: str = "tensorboard"
 
 
@@ -229,6 +231,17 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a Config from an optional YAML file plus ``key=value`` overrides, then validate."""
+    cfg = load_typed(Config, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_typed(cls: type, path: str | Path | None, overrides: list[str] | None) -> Any:
+    """Any config dataclass from YAML + overrides, with the type checks ``load_config`` has.
+
+    Why generic: the pretraining commands have their own small schemas and must reject a
+    mistyped key exactly as a training recipe does.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -242,9 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    cfg = _build(Config, raw, "")
-    validate(cfg)
-    return cfg
+    return _build(cls, raw, "")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

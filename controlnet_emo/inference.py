@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -351,23 +350,7 @@ def _first_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ``infer`` subcommand
-
-
-def parse_scales(items: list[str] | None) -> dict[str, float]:
-    """``["flame=1.0", "depth=0.5"]`` -> {"flame": 1.0, "depth": 0.5}."""
-    scales = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            scales[name.strip()] = float(value)
-        except ValueError:
-            raise InferenceError(
-                f"--scale {item!r}: expected CONDITION=NUMBER, e.g. depth=0.5"
-            ) from None
-    return scales
+# The ``infer`` entry point
 
 
 def infer(
@@ -500,107 +483,3 @@ def _match_stem(folder: Path, stem: str, name: str) -> Path:
 
 def _opt(path: Any) -> Path | None:
     return Path(path) if path is not None else None
-
-
-_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def add_infer_arguments(p: Any) -> None:
-    """Arguments of ``controlnet-emo infer`` (and ``python infer.py``)."""
-    p.add_argument(
-        "--model",
-        required=True,
-        type=Path,
-        help="run folder, or an exported diffusers ControlNet folder (+ --base)",
-    )
-    p.add_argument(
-        "--flame",
-        required=True,
-        type=Path,
-        help="FLAME render (PNG), or a folder of them (then --out is a folder)",
-    )
-    p.add_argument("--depth", type=Path, help="depth map (file, or folder matched by name)")
-    p.add_argument("--skeleton", type=Path, help="skeleton map (file, or folder matched by name)")
-    p.add_argument(
-        "--reference",
-        type=Path,
-        help="photo to derive the depth and skeleton maps from (conditioners)",
-    )
-    p.add_argument(
-        "--depth-model",
-        default=None,
-        help="depth network for --reference (default: the run's depth.model)",
-    )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--out", required=True, type=Path, help="output PNG (or folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument(
-        "--base", help="base SD model (hub id, folder, .safetensors); default: the run's"
-    )
-    p.add_argument(
-        "--scale",
-        nargs="+",
-        default=[],
-        metavar="COND=S",
-        help="per-condition strength, e.g. --scale flame=1.0 depth=0.5",
-    )
-    p.add_argument(
-        "--controlnet-scale", type=float, default=1.0, help="overall ControlNet conditioning scale"
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=tuple(SCHEDULERS),
-        default="unipc",
-        help="sampler (default unipc, as validation; 'default' = the base's own)",
-    )
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="output size (default: the training resolution)",
-    )
-    p.add_argument(
-        "--sheet",
-        action="store_true",
-        help="also write <out>_sheet.png: conditions | result side by side",
-    )
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument(
-        "--dtype", choices=tuple(_DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU"
-    )
-
-
-def run_infer(args: Any) -> int:
-    """The ``infer`` subcommand: prints each written PNG; a bad input is one line, exit 2."""
-    try:
-        written = infer(
-            args.model,
-            args.flame,
-            args.prompt,
-            args.out,
-            depth=args.depth,
-            skeleton=args.skeleton,
-            reference=args.reference,
-            base=args.base,
-            seed=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            scales=parse_scales(args.scale),
-            controlnet_scale=args.controlnet_scale,
-            resolution=args.resolution,
-            scheduler=args.scheduler,
-            sheet=args.sheet,
-            device=args.device,
-            dtype=_DTYPES[args.dtype],
-            depth_model=args.depth_model,
-        )
-    except InferenceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0

@@ -16,6 +16,8 @@ from .model_info import ExportError
 
 ORIGINAL_PREFIX = "control_model."
 # The original hint encoder: conv_in at 0, six convs at 2..12 (SiLU between), conv_out at 14.
+# A hint encoder for a 4x VAE (the demo base) has four hidden convs, at 2..8; its conv_out
+# stays at 14, which is where diffusers' single-file reader looks for it.
 _HINT_BLOCKS = 6
 _HINT_OUT = 2 * _HINT_BLOCKS + 2
 
@@ -44,7 +46,8 @@ def to_original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
     Original input blocks are numbered across the whole encoder: 0 is conv_in, then per down
     block ``layers_per_block`` resnet(+attention) entries and one downsampler (none after the
-    last block). The hint encoder must have the original's six hidden convs.
+    last block). The hint encoder has the original's six hidden convs (SD's 8x VAE), or
+    four (a 4x VAE).
     """
     lpb = _layers_per_block(state_dict)
     hint_blocks = {
@@ -52,11 +55,11 @@ def to_original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         for k in state_dict
         if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))
     }
-    if hint_blocks != set(range(_HINT_BLOCKS)):
+    if hint_blocks not in (set(range(_HINT_BLOCKS)), set(range(_HINT_BLOCKS - 2))):
         raise ExportError(
             f"the hint encoder has {len(hint_blocks)} hidden convs; the original layout (and "
             f"diffusers' reader) needs {_HINT_BLOCKS} (conditioning_embedding_out_channels of "
-            "length 4)"
+            f"length 4, SD's 8x VAE) or {_HINT_BLOCKS - 2} (length 3, a 4x VAE)"
         )
     if any(k.startswith("mid_block.resnets.") for k in state_dict) and not any(
         k.startswith("mid_block.attentions.0.") for k in state_dict

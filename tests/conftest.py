@@ -74,10 +74,20 @@ def prepared(tmp_path) -> Path:
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def tiny_overrides(out: Path, data: Path, **extra) -> list[str]:
-    """A fast CPU recipe on top of configs/demo.yaml."""
+def tiny_overrides(out: Path, data: Path, keep_losses: bool = False, **extra) -> list[str]:
+    """A fast CPU recipe on top of configs/demo.yaml: the tiny random SD and critic (the
+    plumbing tests' models), and, unless ``keep_losses``, only the diffusion term."""
+    losses_off = {
+        "loss.pixel_l1.weight": 0,
+        "loss.emotion.valence": 0,
+        "loss.emotion.arousal": 0,
+        "loss.emotion.expression": 0,
+    }
     base = {
         "output_dir": out,
+        "model.pretrained": "tiny",
+        "model.emonet": "random",
+        **({} if keep_losses else losses_off),
         "data.root": data,
         "data.resolution": 64,
         "data.num_workers": 0,

@@ -46,10 +46,15 @@ def test_demo_runs_every_stage(tmp_path):
         "infer/happy.png",
         "eval/metrics.json",
         "eval/grid.png",
+        "eval/confusion.png",
+        "eval/valence_arousal.png",
     ):
         assert (out / name).exists(), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss/pixel_l1", "loss/expression"} <= rows[0].keys()  # the research-style terms
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["emonet"]["source"] == "demo-critic-eval" and not report["warnings"]
 
 
 def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
@@ -88,7 +93,18 @@ def test_train_entry_point_is_the_train_subcommand(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["synth", "prepare", "train", "infer", "export", "evaluate", "demo"]
+    "command",
+    [
+        "synth",
+        "prepare",
+        "train",
+        "infer",
+        "export",
+        "evaluate",
+        "demo",
+        "pretrain-base",
+        "train-critic",
+    ],
 )
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as done:

@@ -12,22 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet_emo.evaluation import (
-    add_evaluate_arguments,
+from controlnet_emo.cli import add_evaluate_arguments, run_evaluate
+from controlnet_emo.evaluation import generate_batch, read_faces
+from controlnet_emo.inference import generate, load_pipeline
+from controlnet_emo.metrics import (
     ccc,
     emotion_metrics,
-    generate_batch,
     heatmap_landmarks,
     macro_f1,
     nme,
     pearson,
-    read_faces,
     rmse,
-    run_evaluate,
 )
-from controlnet_emo.inference import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
 
+from .conftest import write_prepared
 from .runs import make_run
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", "random")
-    assert "RANDOM" in m["warning"] and "WARNING" in capsys.readouterr().out
+    assert any("RANDOM" in w for w in m["warnings"]) and "WARNING" in capsys.readouterr().out
     assert m["settings"]["steps"] == 2 and m["settings"]["seed"] == 0
     for kind in ("generated", "baseline", "real", "generated_vs_emonet_on_real"):
         keys = {
@@ -195,6 +194,43 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
     assert rows[2]["label"]["expression"] == "sad" and "nme" in rows[0]["generated"]
     with Image.open(out / "grid.png") as grid:  # rows: 3 maps | generated | target | no maps
         assert grid.size == (6 * 256, 3 * 256)
+    assert 0 <= m["generated"]["expression_top3_accuracy"] <= 1
+    for picture in ("confusion.png", "valence_arousal.png"):
+        with Image.open(out / picture) as im:
+            assert im.size[0] > 300
+
+
+def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, cheap_emonet):
+    """--prompt replaces every caption; the target's recorded landmarks are NME's reference,
+    so the critic reading the target image gets a finite error of its own."""
+    data = write_prepared(tmp_path / "data", n=4, n_val=2, size=(64, 80))
+    rows = [json.loads(x) for x in (data / "metadata.jsonl").read_text().splitlines()]
+    for r in rows:  # a face-sized spread of points in the 64x80 target's frame
+        r["landmarks"] = [[10 + (k % 10) * 4.0, 20 + (k // 10) * 6.0] for k in range(68)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    args = ["--data", data, "--n", 2, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
+    assert cli(run, *args, "--out", out, "--prompt", "a photo of a face", "--no-baseline") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["prompt"] == "a photo of a face"
+    assert m["nme_reference"] == "target landmarks (metadata)"
+    assert math.isfinite(m["real"]["nme"]) and m["real"]["nme"] > 0
+    samples = [json.loads(x) for x in (out / "per_sample.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} == {"a photo of a face"}
+
+
+def test_grading_with_the_training_critic_warns(tmp_path, prepared, cheap_emonet, capsys):
+    import yaml
+
+    run_dir, _ = make_run(tmp_path / "run")
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw["model"]["emonet"] = str(tmp_path / "my-critic")  # what the run trained against
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    args = ["--data", prepared, "--n", 1, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
+    assert cli(run_dir, *args, "--no-baseline", "--grid-rows", 0) == 0  # the run's own critic
+    m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert any("trained against" in w for w in m["warnings"])
+    assert "trained against" in capsys.readouterr().out
 
 
 def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):

@@ -17,17 +17,16 @@ from diffusers import (
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
+from controlnet_emo.cli import add_infer_arguments, run_infer
 from controlnet_emo.config import Config
 from controlnet_emo.export import export_run
 from controlnet_emo.inference import (
     InferenceError,
-    add_infer_arguments,
     generate,
     infer,
     load_condition_maps,
     load_map,
     load_pipeline,
-    run_infer,
 )
 from controlnet_emo.model_info import SIDECAR, ModelInfo
 from controlnet_emo.models.sd import load_sd, resolve_pretrained

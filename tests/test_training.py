@@ -215,7 +215,9 @@ def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
         "train.mixed_precision": "no",
         "train.max_steps": 2,
     }
-    cfg = load_config(DEMO_CONFIG.parent / recipe, tiny_overrides(out, prepared, **stand_ins))
+    cfg = load_config(
+        DEMO_CONFIG.parent / recipe, tiny_overrides(out, prepared, keep_losses=True, **stand_ins)
+    )
     if cfg.model.decoder == "taesd":
         cfg.model.decoder = _tiny_taesd_folder(tmp_path / "taesd")
     train(cfg)

@@ -40,6 +40,8 @@ class Record:
     valence: float
     arousal: float
     split: str
+    landmarks: list | None = None
+    """The target's 68 (x, y) points in its own pixels, when prepare wrote them."""
 
 
 def read_metadata(
@@ -65,6 +67,7 @@ def read_metadata(
                 valence=float(row.get("valence", float("nan"))),
                 arousal=float(row.get("arousal", float("nan"))),
                 split=row.get("split", "train"),
+                landmarks=row.get("landmarks"),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{lineno}: bad metadata row ({err!r})") from None

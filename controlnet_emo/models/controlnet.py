@@ -23,8 +23,18 @@ if TYPE_CHECKING:
 CHANNELS_PER_CONDITION = 3
 
 
+def hint_encoder_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """SD's hint encoder widths (16, 32, 96, 256) cut to the VAE's downsampling: the encoder
+    halves the hint once per width after the first, so its output lands on the latent grid
+    (8x for SD; the demo base's 4x VAE keeps three widths)."""
+    halvings = max(1, vae_scale_factor.bit_length() - 1)
+    if 2**halvings != vae_scale_factor or halvings > 3:
+        raise ValueError(f"VAE downsampling {vae_scale_factor}: expected 2, 4 or 8")
+    return (16, 32, 96, 256)[: halvings + 1]
+
+
 def build_controlnet(
-    cfg: Config, unet: UNet2DConditionModel
+    cfg: Config, unet: UNet2DConditionModel, vae_scale_factor: int = 8
 ) -> ControlNetModel | MultiControlNetModel:
     """New ControlNet(s) initialised from the UNet encoder, or loaded from ``controlnet.init``."""
     from diffusers import ControlNetModel
@@ -32,15 +42,24 @@ def build_controlnet(
 
     n = len(cfg.conditions)
     init = cfg.model.controlnet.init
+    hint = hint_encoder_channels(vae_scale_factor)
     if cfg.model.controlnet.mode == "stacked":
         if init == "from_unet":
-            return ControlNetModel.from_unet(unet, conditioning_channels=CHANNELS_PER_CONDITION * n)
+            return ControlNetModel.from_unet(
+                unet,
+                conditioning_embedding_out_channels=hint,
+                conditioning_channels=CHANNELS_PER_CONDITION * n,
+            )
         net = ControlNetModel.from_pretrained(init)
         _check_channels(net, CHANNELS_PER_CONDITION * n, init)
         return net
     if init == "from_unet":
         nets = [
-            ControlNetModel.from_unet(unet, conditioning_channels=CHANNELS_PER_CONDITION)
+            ControlNetModel.from_unet(
+                unet,
+                conditioning_embedding_out_channels=hint,
+                conditioning_channels=CHANNELS_PER_CONDITION,
+            )
             for _ in range(n)
         ]
     else:  # diffusers' multi layout: init/, init_1/, init_2/ ...

@@ -210,10 +210,14 @@ def load_emonet(path: str | os.PathLike, n_expression: int | None = None) -> Emo
     return _freeze(model)
 
 
-def build_emonet(spec: str, n_expression: int = 8) -> EmoNet:
-    """EmoNet from a config value: a weights path, or "random" for demos and tests that must
-    run without the non-commercial weights. `n_expression` applies to "random" only; a file
-    carries its own class count."""
+def build_emonet(spec: str, n_expression: int = 8) -> nn.Module:
+    """A frozen critic with EmoNet's contract from a config value: an EmoNet weights file, a
+    shipped critic's name (``demo-critic-train``, ``demo-critic-eval``), a face-critic folder
+    (``train-critic``'s output), or "random" for plumbing tests that must run without the
+    non-commercial weights. `n_expression` applies to "random" only."""
+    from .face_critic import is_face_critic_folder, load_face_critic
+    from .shipped import shipped_path
+
     if spec == "random":
         warnings.warn(
             "EmoNet has random weights (model.emonet=random): emotion losses and metrics are "
@@ -221,4 +225,7 @@ def build_emonet(spec: str, n_expression: int = 8) -> EmoNet:
             stacklevel=2,
         )
         return _freeze(EmoNet(n_expression))
+    folder = shipped_path(spec) or spec
+    if os.path.isdir(folder) and is_face_critic_folder(folder):
+        return load_face_critic(folder)
     return load_emonet(spec)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .shipped import shipped_path
 from .tiny import build_tiny_sd
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -49,8 +50,12 @@ def tiny_sd_folder(cache_dir: str | Path | None = None) -> Path:
 
 
 def resolve_pretrained(spec: str) -> str:
-    """'tiny' -> its local folder; anything else unchanged."""
-    return str(tiny_sd_folder()) if spec == "tiny" else spec
+    """'tiny' -> its local folder, a shipped name (models/shipped.py) -> its folder; anything
+    else unchanged."""
+    if spec == "tiny":
+        return str(tiny_sd_folder())
+    shipped = shipped_path(spec)
+    return str(shipped) if shipped is not None else spec
 
 
 def load_sd(spec: str, revision: str | None = None, variant: str | None = None) -> SDComponents:
@@ -79,16 +84,27 @@ def load_sd(spec: str, revision: str | None = None, variant: str | None = None) 
     return SDComponents(source=spec, **parts)
 
 
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent cell: 8 for SD's VAE, 4 for the demo base's (diffusers' rule)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _load_folder_or_hub(path: str, revision: str | None, variant: str | None) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    # fp32 whatever the files hold: the trainer casts frozen parts itself, and a ControlNet
+    # made by ControlNetModel.from_unet copies the UNet's dtype (an fp16 folder such as the
+    # shipped demo base would otherwise give an fp16 ControlNet to train).
     kw = dict(revision=revision)
+    mw = dict(kw, variant=variant, torch_dtype=torch.float32)
     return dict(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
+        text_encoder=CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=torch.float32, **kw
+        ),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **mw),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **mw),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
     )
 

@@ -27,16 +27,17 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A byte-level CLIP BPE vocabulary with whole-word merges for ``_WORDS``.
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] | list[str] = _WORDS) -> None:
+    """A byte-level CLIP BPE vocabulary with whole-word merges for ``words``.
 
     Built offline from a vocab.json and merges.txt, as FACTS.md describes; every byte is in
-    the vocabulary, so any text tokenizes (unknown words fall back to characters).
+    the vocabulary, so any text tokenizes (unknown words fall back to characters). The demo
+    base passes every word its captions use, so each becomes one token.
     """
     chars = _byte_alphabet()
     vocab_tokens = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
-    for word in _WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merge = f"{pieces[0]} {pieces[1]}"

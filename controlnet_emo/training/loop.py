@@ -31,7 +31,7 @@ from ..data.dataset import (
     read_metadata,
 )
 from ..models.controlnet import build_controlnet
-from ..models.sd import load_sd
+from ..models.sd import load_sd, vae_scale_factor
 from ..models.unet_tuning import configure_unet, save_unet
 from . import checkpointing
 from .step import TrainModels, compute_losses
@@ -195,7 +195,7 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         accelerator.mixed_precision, torch.float32
     )
     sd = load_sd(cfg.model.pretrained, cfg.model.revision, cfg.model.variant)
-    controlnet = build_controlnet(cfg, sd.unet)
+    controlnet = build_controlnet(cfg, sd.unet, vae_scale_factor(sd.vae))
     unet_params = configure_unet(sd.unet, cfg.model.unet_trainable, cfg.model.lora_rank)
     unet_trains = bool(unet_params)
     sd.vae.requires_grad_(False)

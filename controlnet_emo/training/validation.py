@@ -76,6 +76,7 @@ def sample_grid(
             width=size,
             generator=g,
             num_inference_steps=cfg.train.validation_steps,
+            guidance_scale=cfg.train.validation_guidance_scale,
             output_type="np",
         ).images[0]
         maps = [to_uint8(c) for c in batch.conditions[i].split(3, dim=0)]

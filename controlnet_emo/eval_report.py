@@ -1,0 +1,233 @@
+"""What ``evaluate`` writes: metrics.json, per_sample.jsonl, grid.png, the confusion matrix and
+valence/arousal scatter plots, and the table it prints.
+
+Kept apart from generation and scoring so that the pictures can change without touching the
+figures, and so a benchmark can print the same table for its own metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from .labels import EXPRESSIONS
+from .metrics import confusion_matrix
+
+KINDS = (("generated", "generated"), ("real", "target"), ("baseline", "no maps"))
+
+
+def _expr_name(i: int) -> str | None:
+    return EXPRESSIONS[i] if 0 <= i < len(EXPRESSIONS) else None
+
+
+def sample_row(
+    i: int, rec: Any, prompt: str, read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "index": i,
+        "file_name": rec.file_name,
+        "prompt": prompt,
+        "label": {
+            "expression": _expr_name(int(labels["expression"][i])),
+            "valence": float(labels["valence"][i]),
+            "arousal": float(labels["arousal"][i]),
+        },
+    }
+    for kind, r in read.items():
+        row[kind] = {
+            "expression": _expr_name(int(r["expression"][i])),
+            "valence": float(r["valence"][i]),
+            "arousal": float(r["arousal"][i]),
+        }
+        if "nme" in r:
+            row[kind]["nme"] = float(r["nme"][i])
+    return row
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / inf -> None, so the JSON is strict (other tools reject a bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _describe(r: dict[str, Any]) -> str:
+    """'happy v+0.31 a-0.12'; missing parts left out."""
+    va = [f"{k[0]}{r[k]:+.2f}" for k in ("valence", "arousal") if math.isfinite(r[k])]
+    return " ".join([r["expression"] or "-", *va])
+
+
+def write_outputs(
+    out: Path,
+    metrics: dict[str, Any],
+    samples: list[dict[str, Any]],
+    shown: list[dict[str, Tensor]],
+    read: dict[str, dict[str, Tensor]],
+    labels: dict[str, Tensor],
+    conditions: list[str],
+) -> list[Path]:
+    """Every file of the report; returns their paths (for the closing message)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))
+    (out / "per_sample.jsonl").write_text(
+        "".join(json.dumps(_finite(s), allow_nan=False) + "\n" for s in samples)
+    )
+    rows = []
+    for i, (s, img) in enumerate(zip(samples, shown, strict=False)):
+        tiles = [(m, [c], None) for c, m in zip(conditions, img["maps"].split(3), strict=True)]
+        for kind, title in KINDS:
+            if kind not in img:
+                continue
+            lines = [title, ("critic " if kind == "real" else "") + _describe(s[kind])]
+            nme = s[kind].get("nme", math.nan)
+            lines.append(
+                ("label " + _describe(s["label"]) + "  " if kind == "real" else "")
+                + f"NME {nme:.3f}"
+            )
+            tiles.append((img[kind], lines, read[kind]["landmarks"][i]))
+        rows.append(tiles)
+    written = [out / "metrics.json", out / "per_sample.jsonl"]
+    if rows:  # --grid-rows 0: no picture
+        grid_image(rows).save(out / "grid.png")
+        written.append(out / "grid.png")
+    n_classes = metrics["emonet"]["n_expression"]
+    written.append(plot_confusion(read, labels["expression"], n_classes, out / "confusion.png"))
+    written.append(plot_valence_arousal(read, labels, out / "valence_arousal.png"))
+    return written
+
+
+def grid_image(
+    rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_tile: int = 256
+) -> Image.Image:
+    """Rows of (3,H,W) [0,1] tiles with text lines and (68,2) landmarks (or None) drawn on
+    them; small tiles are upscaled so the text stays readable."""
+    h = rows[0][0][0].shape[-1]
+    t = max(h, min_tile)
+    font = ImageFont.load_default(size=max(10, t // 20))
+    sheet = Image.new("RGB", (t * max(len(r) for r in rows), t * len(rows)))
+    draw = ImageDraw.Draw(sheet)
+    for y, row in enumerate(rows):
+        for x, (img, lines, points) in enumerate(row):
+            arr = (img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr).resize((t, t), Image.Resampling.NEAREST)
+            sheet.paste(tile, (x * t, y * t))
+            for px, py in ((points + 0.5) * t / h - 0.5).tolist() if points is not None else []:
+                cx, cy = x * t + px, y * t + py
+                draw.ellipse((cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5), fill=(0, 255, 255))
+            draw.multiline_text(
+                (x * t + 3, y * t + 2),
+                "\n".join(lines),
+                font=font,
+                fill=(255, 255, 0),
+                stroke_width=1,
+                stroke_fill=(0, 0, 0),
+            )
+    return sheet
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The headline figures, one row per image source."""
+    cols = [
+        ("val RMSE", "valence_rmse"),
+        ("val CCC", "valence_ccc"),
+        ("aro RMSE", "arousal_rmse"),
+        ("aro CCC", "arousal_ccc"),
+        ("top-1", "expression_accuracy"),
+        ("top-3", "expression_top3_accuracy"),
+        ("macro F1", "expression_macro_f1"),
+        ("NME", "nme"),
+    ]
+    rows = [
+        ("generated", m["generated"]),
+        ("no maps (baseline)", m.get("baseline")),
+        ("critic on real", m["real"]),
+        ("EmoNet paper", m["published_emonet_affectnet"]),
+    ]
+    lines = [f"evaluate: {m['n']} samples of split {m['split']!r}, critic {m['emonet']['source']}"]
+    lines += [f"WARNING: {w}" for w in m["warnings"]]
+    lines.append(f"{'':20}" + "".join(f"{name:>10}" for name, _ in cols))
+    for name, r in rows:
+        if r is None:
+            continue
+        cells = [r.get(key) for _, key in cols]
+        lines.append(
+            f"{name:20}"
+            + "".join(
+                f"{v:10.3f}" if isinstance(v, float) and math.isfinite(v) else f"{'-':>10}"
+                for v in cells
+            )
+        )
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(
+    read: dict[str, dict[str, Tensor]], expression: Tensor, n_classes: int, path: Path
+) -> Path:
+    """One row-normalised confusion matrix (label x critic's class) per image kind."""
+    plt = _pyplot()
+    kinds = [k for k, _ in KINDS if k in read]
+    names = list(EXPRESSIONS[:n_classes])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        counts = confusion_matrix(read[kind]["expression"], expression, n_classes).double()
+        share = counts / counts.sum(1, keepdim=True).clamp(min=1)
+        ax.imshow(share.numpy(), vmin=0, vmax=1, cmap="Blues")
+        for (r, c), v in zip(
+            torch.cartesian_prod(*(torch.arange(n_classes),) * 2).tolist(),
+            counts.flatten().tolist(),
+            strict=True,
+        ):
+            if v:
+                ax.text(c, r, int(v), ha="center", va="center", fontsize=7)
+        acc = counts.diag().sum() / counts.sum().clamp(min=1)
+        ax.set_title(f"{dict(KINDS)[kind]}: top-1 {float(acc):.0%}", fontsize=10)
+        ax.set_xticks(range(n_classes), names, rotation=60, fontsize=7)
+        ax.set_yticks(range(n_classes), names, fontsize=7)
+        ax.set_xlabel("critic reads")
+        ax.set_ylabel("label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_valence_arousal(
+    read: dict[str, dict[str, Tensor]], labels: dict[str, Tensor], path: Path
+) -> Path:
+    """Critic's valence and arousal against the labels, one panel each, all kinds overlaid."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.2))
+    for ax, name in zip(axes, ("valence", "arousal"), strict=True):
+        truth = labels[name]
+        for kind, title in KINDS:
+            if kind in read:
+                ax.scatter(truth.numpy(), read[kind][name].numpy(), s=12, alpha=0.7, label=title)
+        ax.plot([-1, 1], [-1, 1], color="grey", linewidth=0.8)
+        ax.set(
+            xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel=f"label {name}", ylabel=f"critic {name}"
+        )
+        ax.set_aspect("equal")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

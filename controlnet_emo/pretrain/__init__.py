@@ -1,0 +1,1 @@
+"""The project's own small pretrained models: the demo's base SD and its two face critics."""

@@ -1,0 +1,380 @@
+"""``controlnet-emo pretrain-base``: the small Stable Diffusion the demo trains beside.
+
+Why: a ControlNet beside a random base draws noise, so nothing shows that it follows its
+render. This trains a real (small) SD on the synthetic faces, in two stages like SD itself:
+a KL autoencoder, then a text-conditioned UNet with its CLIP text encoder on the latents.
+The result is an ordinary diffusers pipeline folder in fp16 safetensors that ``load_sd``
+reads like any hub folder; the package ships one as ``demo-face-base`` (models/shipped.py).
+
+Faces come from seeds no demo or test uses, so every face the demo shows is held out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import load_typed
+from ..losses import diffusion_loss
+from ..models.tiny import write_tiny_tokenizer
+from .faces import FaceSet, caption_words, render_faces
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseShape:
+    resolution: int = 64
+    vae_channels: list[int] = field(default_factory=lambda: [24, 48, 64])
+    """One entry per VAE level: latents are resolution / 2^(levels-1) (64 px -> 16x16)."""
+    latent_channels: int = 4
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Cross-attention on every level but the first (the 16x16 one is the costly one on CPU)."""
+    unet_layers_per_block: int = 1
+    text_width: int = 64
+    text_layers: int = 2
+
+
+@dataclass
+class VaeStage:
+    steps: int = 800
+    batch_size: int = 32
+    learning_rate: float = 1.0e-3
+    kl_weight: float = 1.0e-6
+
+
+@dataclass
+class UnetStage:
+    steps: int = 6000
+    batch_size: int = 32
+    learning_rate: float = 8.0e-4
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    """Empty captions this often, so classifier-free guidance works at inference."""
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class PretrainBaseConfig:
+    version: int = 1
+    output_dir: str = "runs/base"
+    seed: int = 1000
+    """Face seeds: training faces use ``seed``, held-out faces ``seed + 1``."""
+    n_train: int = 6000
+    n_held_out: int = 256
+    model: BaseShape = field(default_factory=BaseShape)
+    vae: VaeStage = field(default_factory=VaeStage)
+    unet: UnetStage = field(default_factory=UnetStage)
+
+
+def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainBaseConfig:
+    from ..config import ConfigError
+
+    cfg = load_typed(PretrainBaseConfig, path, overrides)
+    levels = len(cfg.model.vae_channels)
+    if cfg.model.resolution % 2 ** (levels - 1) or min(cfg.n_train, cfg.n_held_out) < 1:
+        raise ConfigError("model.resolution must divide by the VAE's downsampling; n_* >= 1")
+    for key in ("vae.steps", "vae.batch_size", "unet.steps", "unet.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}: must be >= 1")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The architecture
+
+
+def build_base(shape: BaseShape, tokenizer_dir: Path, seed: int):
+    """Random VAE, UNet, text encoder, the caption tokenizer and SD's training scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    write_tiny_tokenizer(tokenizer_dir, caption_words())
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    levels = len(shape.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(shape.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=shape.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=shape.resolution,
+        mid_block_add_attention=False,
+    )
+    n = len(shape.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=shape.resolution // 2 ** (levels - 1),
+        in_channels=shape.latent_channels,
+        out_channels=shape.latent_channels,
+        block_out_channels=tuple(shape.unet_channels),
+        layers_per_block=shape.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=shape.text_width,
+        attention_head_dim=32,
+        norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.text_width,
+            intermediate_size=2 * shape.text_width,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return vae, unet, text_encoder, tokenizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+
+
+def train_vae(vae, faces: FaceSet, held: FaceSet, stage: VaeStage, seed: int) -> dict:
+    """L1 reconstruction + a tiny KL (SD's recipe without the GAN); returns its figures."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=stage.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, stage.learning_rate, total_steps=stage.steps, pct_start=0.05
+    )
+    vae.train()
+    losses = []
+    for _ in tqdm(range(stage.steps), desc="pretrain vae", unit="step"):
+        idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
+        x = faces.float_images(idx) * 2 - 1  # (B,3,R,R) in [-1,1]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=g)).sample
+        loss = F.l1_loss(recon, x) + stage.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    vae.eval()
+    return {"final_loss": float(np.mean(losses[-50:])), "held_out_psnr_db": vae_psnr(vae, held)}
+
+
+@torch.no_grad()
+def vae_psnr(vae, faces: FaceSet, batch_size: int = 64) -> float:
+    """PSNR (dB, images in [0,1]) of decode(encode(x).mode) over a set, as one MSE."""
+    sq, count = 0.0, 0
+    for start in range(0, len(faces), batch_size):
+        x = faces.float_images(torch.arange(start, min(start + batch_size, len(faces))))
+        recon = vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample
+        sq += float(((recon.clamp(-1, 1) + 1) / 2 - x).square().sum())
+        count += x.numel()
+    return float(10 * np.log10(1.0 / (sq / count)))
+
+
+@torch.no_grad()
+def encode_moments(vae, faces: FaceSet, batch_size: int = 128) -> torch.Tensor:
+    """(N,2C,h,w) posterior mean and std of every face (sampled per step, as SD trains)."""
+    out = []
+    for start in tqdm(range(0, len(faces), batch_size), desc="encode latents", leave=False):
+        x = faces.float_images(torch.arange(start, min(start + batch_size, len(faces))))
+        d = vae.encode(x * 2 - 1).latent_dist
+        out.append(torch.cat([d.mean, d.std], dim=1))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: UNet + text encoder
+
+
+def train_unet(
+    unet, text_encoder, tokenizer, scheduler, moments, faces: FaceSet, stage: UnetStage, seed
+) -> dict:
+    """Epsilon-prediction MSE with min-SNR weights (diffusers' compute_snr), EMA of the
+    weights (diffusers' EMAModel), caption dropout for classifier-free guidance."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    g = torch.Generator().manual_seed(seed)
+    ids = tokenizer(faces.captions, padding="max_length", truncation=True, return_tensors="pt")
+    ids = ids.input_ids  # (N,77)
+    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids  # (1,77)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.01)
+    lr = get_scheduler(
+        "cosine", opt, num_warmup_steps=stage.warmup_steps, num_training_steps=stage.steps
+    )
+    ema = EMAModel(params, decay=stage.ema_decay, use_ema_warmup=True, power=0.75)
+    unet.train()
+    text_encoder.train()
+    losses = []
+    for _ in tqdm(range(stage.steps), desc="pretrain unet", unit="step"):
+        idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
+        mean, std = moments[idx].chunk(2, dim=1)
+        latents = mean + std * torch.randn(mean.shape, generator=g)  # (B,C,h,w)
+        latents = latents * scheduler.vae_scaling_factor
+        drop = torch.rand(len(idx), generator=g) < stage.caption_dropout
+        tokens = torch.where(drop[:, None], empty, ids[idx])
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        text = text_encoder(tokens, return_dict=False)[0]  # (B,77,D)
+        pred = unet(noisy, t, encoder_hidden_states=text, return_dict=False)[0]
+        loss = diffusion_loss(pred, noise, t, scheduler, "l2", stage.snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr.step()
+        ema.step(params)
+        losses.append(loss.item())
+    ema.copy_to(params)
+    unet.eval()
+    text_encoder.eval()
+    return {"final_loss": float(np.mean(losses[-100:]))}
+
+
+@torch.no_grad()
+def held_out_diffusion_loss(unet, text_encoder, tokenizer, scheduler, moments, faces) -> float:
+    """Unweighted epsilon MSE on held-out faces at fixed noise and timesteps (comparable)."""
+    g = torch.Generator().manual_seed(0)
+    ids = tokenizer(faces.captions, padding="max_length", truncation=True, return_tensors="pt")
+    latents = moments.chunk(2, dim=1)[0] * scheduler.vae_scaling_factor
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(faces)).long()
+    noisy = scheduler.add_noise(latents, noise, t)
+    text = text_encoder(ids.input_ids, return_dict=False)[0]
+    pred = unet(noisy, t, encoder_hidden_states=text, return_dict=False)[0]
+    return float(F.mse_loss(pred, noise))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def pretrain_base(cfg: PretrainBaseConfig) -> Path:
+    """Both stages, then ``OUT/model/`` (fp16 diffusers pipeline + pretrain_report.json) and
+    ``OUT/samples.png`` (held-out prompts: real faces over generated ones)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(cfg.output_dir)
+    model_dir = out / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    t0 = time.perf_counter()
+    res = cfg.model.resolution
+    faces = render_faces(cfg.n_train, res, cfg.seed, "render training faces")
+    held = render_faces(cfg.n_held_out, res, cfg.seed + 1, "render held-out faces")
+    vae, unet, text_encoder, tokenizer, scheduler = build_base(
+        cfg.model, out / "tokenizer", cfg.seed
+    )
+    timings = {"render_s": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    report = {"vae": train_vae(vae, faces, held, cfg.vae, cfg.seed)}
+    timings["vae_s"] = time.perf_counter() - t
+    moments = encode_moments(vae, faces)
+    # SD's convention: scale latents to unit variance (SD 1.x's 0.18215 was found the same way).
+    scaling = float(1.0 / moments.chunk(2, dim=1)[0].std())
+    vae.register_to_config(scaling_factor=scaling)
+    scheduler.vae_scaling_factor = scaling
+
+    t = time.perf_counter()
+    report["unet"] = train_unet(
+        unet, text_encoder, tokenizer, scheduler, moments, faces, cfg.unet, cfg.seed
+    )
+    timings["unet_s"] = time.perf_counter() - t
+    report["unet"]["held_out_eps_mse"] = held_out_diffusion_loss(
+        unet, text_encoder, tokenizer, scheduler, encode_moments(vae, held), held
+    )
+    del scheduler.vae_scaling_factor
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    write_samples(pipe, held, out / "samples.png")
+    timings["total_s"] = time.perf_counter() - t0
+    report |= {
+        "latent_scaling_factor": scaling,
+        "seconds": timings,
+        "parameters": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))
+        },
+        "machine": machine_description(),
+        "command": " ".join(["controlnet-emo", *sys.argv[1:]]),
+        "config": dataclasses.asdict(cfg),
+    }
+    pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
+    (model_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    log.info("pretrained base written to %s: %s", model_dir, json.dumps(report["vae"]))
+    return model_dir
+
+
+@torch.no_grad()
+def write_samples(pipe, held: FaceSet, path: Path, n: int = 8, steps: int = 20) -> None:
+    """Held-out captions: the real faces (top row) over what the base draws for them."""
+    from diffusers import UniPCMultistepScheduler
+    from PIL import Image
+
+    sampler = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(sampler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    images = pipe(
+        held.captions[:n],
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        generator=gens,
+        output_type="np",
+    ).images  # (n,R,R,3) in [0,1]
+    pipe.scheduler = sampler
+    real = held.images[:n].permute(0, 2, 3, 1).numpy()
+    fake = (np.asarray(images) * 255).round().astype(np.uint8)
+    sheet = np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(fake), 1)], 0)
+    Image.fromarray(sheet).save(path)
+
+
+def machine_description() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,96 @@
+"""The pretraining commands (pretrain-base, train-critic) and the critic contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from controlnet_emo.cli import main
+from controlnet_emo.models.emonet import build_emonet
+from controlnet_emo.models.face_critic import CriticShape, FaceCritic, save_face_critic
+from controlnet_emo.models.sd import load_sd, vae_scale_factor
+from controlnet_emo.pretrain.critic import augment, gaussian_heatmaps
+from controlnet_emo.pretrain.faces import render_faces
+
+FEW_STEPS = ["--set", "n_held_out=8"]
+
+
+def test_pretrain_base_runs_and_loads_like_a_hub_folder(tmp_path, capsys):
+    out = tmp_path / "base"
+    rc = main(
+        [
+            "pretrain-base",
+            "--set", f"output_dir={out}",
+            "--set", "n_train=32",
+            "--set", "vae.steps=2", "--set", "vae.batch_size=4",
+            "--set", "unet.steps=2", "--set", "unet.batch_size=4",
+            "--set", "unet.warmup_steps=1",
+            *FEW_STEPS,
+        ]
+    )  # fmt: skip
+    assert rc == 0 and "pretrained base written" in capsys.readouterr().out
+    report = json.loads((out / "model" / "pretrain_report.json").read_text())
+    assert report["vae"]["held_out_psnr_db"] > 0 and report["seconds"]["total_s"] > 0
+    assert (out / "samples.png").is_file()
+    sd = load_sd(str(out / "model"))
+    assert vae_scale_factor(sd.vae) == 4 and sd.unet.dtype == torch.float32  # fp16 on disk
+    assert len(sd.tokenizer("a photo of a happy face").input_ids) == 2 + 5  # whole words
+
+
+def test_pretrain_base_rejects_a_typo_in_one_line(capsys):
+    assert main(["pretrain-base", "--set", "vae.stepz=3"]) == 2
+    assert "vae.stepz" in capsys.readouterr().err
+
+
+def test_train_critic_runs_and_loads_like_emonet(tmp_path, capsys):
+    out = tmp_path / "critic"
+    args = ["train-critic", "--set", f"output_dir={out}", "--set", "n_train=16"]
+    args += ["--set", "steps=2", "--set", "batch_size=4", *FEW_STEPS]
+    assert main(args) == 0
+    report = json.loads((out / "model" / "critic_report.json").read_text())
+    assert {"top1", "top3", "valence_ccc", "arousal_ccc", "nme_iod"} <= report["held_out"].keys()
+    critic = build_emonet(str(out / "model"))
+    assert not critic.training and not any(p.requires_grad for p in critic.parameters())
+
+
+@pytest.mark.parametrize("arch,work", [("unet", 64), ("resnet", 128)])
+def test_critic_contract_and_gradient_to_the_image(tmp_path, arch, work):
+    torch.manual_seed(0)
+    net = FaceCritic(CriticShape(arch=arch, work_size=work, widths=[8, 16, 16, 16]))
+    save_face_critic(net, tmp_path / "c")
+    critic = build_emonet(str(tmp_path / "c"))
+    image = torch.rand(2, 3, 256, 256, requires_grad=True)
+    out = critic(image)
+    assert out["expression"].shape == (2, 8) and out["heatmap"].shape == (2, 68, 64, 64)
+    assert out["valence"].shape == out["arousal"].shape == (2,)
+    out["valence"].sum().backward()  # frozen weights, but the losses need image gradients
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    net.eval()
+    assert torch.allclose(critic(image)["heatmap"], net(image)["heatmap"], atol=2e-2)  # fp16
+
+
+def test_truncated_critic_is_refused_naming_the_file(tmp_path):
+    net = FaceCritic(CriticShape(widths=[8, 16, 16, 16]))
+    save_face_critic(net, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "critic_config.json").read_text())
+    config["shape"]["widths"] = [8, 16, 16, 32]
+    (tmp_path / "c" / "critic_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        build_emonet(str(tmp_path / "c"))
+
+
+def test_heatmap_targets_peak_on_the_landmarks():
+    faces = render_faces(2, 64, seed=5)
+    hm = gaussian_heatmaps(faces.landmarks, 64, 1.5)  # (2,68,64,64)
+    peak = hm.flatten(2).argmax(2)  # (2,68)
+    xy = torch.stack([peak % 64, peak // 64], dim=-1).float()
+    assert (xy - faces.landmarks).abs().max() <= 0.5 + 1e-4
+
+
+def test_augment_keeps_range_and_changes_the_image():
+    x = render_faces(4, 64, seed=1).float_images(torch.arange(4))
+    y = augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert (y - x).abs().mean() > 1e-3

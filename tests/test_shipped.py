@@ -1,0 +1,81 @@
+"""The models the package ships (models/shipped.py): they load by name with no network, and
+they do what the demo relies on: the base draws faces, the critics read them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from controlnet_emo.models.emonet import build_emonet
+from controlnet_emo.models.sd import load_sd, resolve_pretrained, vae_scale_factor
+from controlnet_emo.models.shipped import SHIPPED, WEIGHTS_DIR, shipped_path
+from controlnet_emo.pretrain.critic import score_critic
+from controlnet_emo.pretrain.faces import render_faces
+
+
+def test_every_shipped_model_is_in_the_package_and_small():
+    sizes = {n: sum(f.stat().st_size for f in (WEIGHTS_DIR / n).rglob("*")) for n in SHIPPED}
+    assert all(sizes.values()) and sum(sizes.values()) <= 25 * 2**20
+
+
+def test_unknown_names_pass_through_to_the_hub_loader():
+    assert shipped_path("runwayml/stable-diffusion-v1-5") is None
+    assert resolve_pretrained("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_sd("demo-face-base")
+
+
+def test_base_loads_by_name_offline_in_fp32(base):
+    assert base.source == "demo-face-base" and vae_scale_factor(base.vae) == 4
+    assert {m.dtype for m in (base.unet, base.vae, base.text_encoder)} == {torch.float32}
+    words = base.tokenizer("a close-up photo of a happy face").input_ids
+    assert len(words) == 2 + 6  # every caption word is one token
+
+
+@pytest.fixture(scope="module")
+def eval_critic():
+    return build_emonet("demo-critic-eval")
+
+
+@pytest.mark.parametrize("name", ["demo-critic-train", "demo-critic-eval"])
+def test_critics_load_frozen_and_read_unseen_faces(name):
+    critic = build_emonet(name)
+    assert not critic.training and not any(p.requires_grad for p in critic.parameters())
+    faces = render_faces(32, 64, seed=424242)  # a seed neither critic trained on
+    scores = score_critic(critic, faces)
+    assert scores["top1"] >= 0.85 and scores["nme_iod"] <= 0.06
+
+
+def draw(base, prompts, seed=0, steps=12):
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=UniPCMultistepScheduler.from_config(base.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(prompts, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
+               generator=gens, output_type="pt")  # fmt: skip
+    return out.images  # (B,3,64,64) in [0,1]
+
+
+def test_base_turns_a_prompt_into_a_face_the_critic_reads(base, eval_critic):
+    """Noise has no landmarks where a face has them and no expression: the independent
+    critic finds the prompted expressions on most of the base's faces."""
+    words = ["happy", "sad", "surprised", "angry"]
+    prompts = [f"a close-up photo of a {w} face, facing the camera, brown hair" for w in words]
+    images = draw(base, prompts * 2)
+    read = eval_critic(images)["expression"].argmax(1)
+    wanted = torch.tensor([1, 2, 3, 6] * 2)  # labels.EXPRESSIONS order
+    noise = eval_critic(torch.rand(8, 3, 64, 64))["expression"].argmax(1)
+    assert (read == wanted).float().mean() >= 0.6 > (noise == wanted).float().mean()

@@ -36,6 +36,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import write_raw_dataset
 
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: need at least 1 face")
+    if args.resolution < 32:
+        raise ConfigError(f"--resolution {args.resolution}: need at least 32 px")
     write_raw_dataset(args.out_dir, n=args.n, resolution=args.resolution, seed=args.seed)
     print(f"wrote {args.n} synthetic faces to {args.out_dir}")
     return 0
@@ -117,7 +121,7 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
     infer(
         out,
         root / first.maps["flame"],
-        prompt="a photo of a happy face",
+        prompt="a close-up photo of a happy face, smiling, facing the camera, brown hair",
         out=out / "infer" / "happy.png",
         steps=cfg.train.validation_steps,
         guidance_scale=cfg.train.validation_guidance_scale,
@@ -411,11 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .models.sd import ModelLoadError
+    from .training.divergence import DivergedError
+
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

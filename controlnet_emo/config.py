@@ -143,6 +143,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    max_bad_steps: int = 10
+    """Stop after this many optimizer steps in a row whose loss or gradient was not finite
+    (each is skipped: no update); the last checkpoint stays the last good one."""
     max_steps: int = 1000
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True

@@ -65,6 +65,7 @@ def save_diffusers(
     in, so a crash mid-save never leaves a half-written model where a good one was.
     """
     nets = _nets(controlnet_or_multi)
+    check_finite(nets, str(run_dir))
     info = dict(info)
     info.setdefault("mode", "multi" if len(nets) > 1 else "stacked")
     conditions = list(info.get("conditions") or [])
@@ -77,6 +78,18 @@ def save_diffusers(
         _save_folder(net, folder, {**info, "index": i})
         folders.append(folder)
     return folders
+
+
+def check_finite(nets: Iterable[torch.nn.Module], where: str) -> None:
+    """Refuse to write a model with a NaN or Inf weight (a diverged run): no consumer can
+    use one, and a file that looks fine until it draws black images wastes the user's day."""
+    for i, net in enumerate(nets):
+        bad = [n for n, p in net.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise ExportError(
+                f"{where}: ControlNet {i} holds non-finite weights ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); the run diverged: export an earlier checkpoint"
+            )
 
 
 def _save_folder(net: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
@@ -211,6 +224,7 @@ def export_run(
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     info = read_model_info(run_dir)
     nets = load_controlnets(info)
+    check_finite(nets, str(run_dir))
     home = info.run_dir or info.folders[0].parent
     if fmt == "diffusers":
         return _export_diffusers(nets, info, out)

@@ -111,3 +111,28 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--n", "-3"], ["--n", "4", "--resolution", "8"]])
+def test_synth_rejects_impossible_counts_and_sizes(tmp_path, capsys, argv):
+    assert main(["synth", str(tmp_path / "raw"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and argv[-2] in err
+    assert not (tmp_path / "raw").exists()
+
+
+def test_missing_dataset_is_reported_before_the_base_model_loads(tmp_path, capsys):
+    args = ["train", "--config", str(DEMO_CONFIG), "--set", f"output_dir={tmp_path / 'run'}"]
+    args += ["--set", f"data.root={tmp_path / 'nowhere'}", "--set", "model.pretrained=/no/such"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and "/no/such" not in err
+
+
+def test_a_missing_local_base_is_a_missing_path_not_a_hub_download(tmp_path, prepared, capsys):
+    args = ["train", "--config", str(DEMO_CONFIG), "--set", f"output_dir={tmp_path / 'run'}"]
+    args += ["--set", f"data.root={prepared}", "--set", "model.pretrained=/no/such/model"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/no/such/model: no such file or folder" in err
+    assert "huggingface-cli" not in err

@@ -197,3 +197,39 @@ def test_export_cli(tmp_path, tiny_unet, capsys):
     assert run_export(parser.parse_args([str(tmp_path / "nowhere")])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nowhere" in err and "\n" not in err
+
+
+def test_export_refuses_a_model_with_nan_weights(tmp_path, tiny_unet):
+    run, nets = make_run(tmp_path / "run", unet=tiny_unet)
+    with torch.no_grad():
+        nets[0].controlnet_mid_block.weight[0, 0] = float("nan")
+    with pytest.raises(ExportError, match="non-finite"):
+        save_diffusers(nets[0], tmp_path / "again", {"conditions": CONDITIONS})
+    folder = run / "controlnet"
+    state = ControlNetModel.from_pretrained(folder).state_dict()
+    state["conv_in.weight"][0, 0, 0, 0] = float("inf")
+    net = ControlNetModel.from_pretrained(folder)
+    net.load_state_dict(state)
+    net.save_pretrained(folder)  # what a diverged run left on disk
+    with pytest.raises(ExportError, match="non-finite"):
+        export_run(run, "single-file")
+    assert not (run / "controlnet.safetensors").exists()
+
+
+def test_a_4x_vae_hint_encoder_exports_and_reads_back(tiny_unet):
+    """The demo base's VAE downsamples 4x, so its ControlNet's hint encoder has three
+    widths; the single file keeps conv_out at 14, where diffusers' reader finds it."""
+    from controlnet_emo.models.controlnet import hint_encoder_channels
+
+    net = ControlNetModel.from_unet(
+        tiny_unet,
+        conditioning_channels=9,
+        conditioning_embedding_out_channels=hint_encoder_channels(4),
+    )
+    state = to_original_layout(net.state_dict())
+    assert "control_model.input_hint_block.14.weight" in state
+    assert "control_model.input_hint_block.8.weight" in state
+    assert "control_model.input_hint_block.10.weight" not in state
+    back = convert_controlnet_checkpoint(state, config=dict(net.config))
+    ours = net.state_dict()
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)

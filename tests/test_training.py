@@ -225,3 +225,34 @@ def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
     expected = {f"loss/{k}" for k, w in cfg.loss.weights().items() if w > 0}
     assert expected <= rows[-1].keys()
     assert all(math.isfinite(rows[-1][k]) for k in expected)
+
+
+def test_a_diverging_run_stops_with_one_line_and_finite_weights(tmp_path, prepared, capsys):
+    """lr 1e8: the weights blow up, later losses are NaN; those steps are skipped, counted,
+    and after train.max_bad_steps in a row the run stops (exit 3) with its weights finite."""
+    from controlnet_emo.cli import main
+
+    out = tmp_path / "run"
+    over = tiny_overrides(
+        out,
+        prepared,
+        **{
+            "train.learning_rate": 1e8,
+            "train.max_steps": 15,
+            "train.max_bad_steps": 3,
+            "train.checkpoint_every": 1,
+        },
+    )
+    code = main(["train", "--config", str(DEMO_CONFIG), *[f"--set={o}" for o in over]])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1 and "diverged" in err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert len(skipped) >= 3 and skipped[-1]["bad_steps"] >= 3 and rows[-1]["step"] < 15
+    from safetensors.torch import load_file
+
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert checkpoints  # the last good step's
+    for ckpt in checkpoints:
+        state = load_file(ckpt / "model.safetensors")
+        assert all(torch.isfinite(v).all() for v in state.values()), ckpt

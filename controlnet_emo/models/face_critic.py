@@ -12,12 +12,17 @@ Contract (EmoNet's, so the losses and ``evaluate`` take either): input (B,3,H,W)
 judges are 64 px, and a 256 px trunk would only make every training step slower.
 
 Two trunks: "unet" (an encoder-decoder whose 64x64 decoder output carries the heatmaps, like
-EmoNet's hourglass) and "resnet" (a strided trunk with a feature-pyramid heatmap head).
+EmoNet's hourglass) and "resnet" (a strided trunk with a feature-pyramid heatmap head). Both
+read the emotion where the face shows it: the head pools the fine features under each
+landmark's heatmap (68 local descriptors: mouth corners, brows, eyelids) beside a global
+pool, the way EmoNet masks its features with its heatmaps. Heatmaps are a softmax over the
+64x64 grid per landmark, scaled so a sharp Gaussian of sigma 1.5 px peaks near 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +33,8 @@ from torch import Tensor, nn
 
 N_LANDMARKS = 68
 HEATMAP_SIZE = 64
+HEATMAP_GAIN = 2 * math.pi * 1.5**2
+"""softmax -> heatmap scale: a normalised Gaussian of sigma 1.5 px peaks at 1 / this."""
 CONFIG_NAME = "critic_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -86,14 +93,18 @@ class FaceCritic(nn.Module):
             self.lateral = nn.ModuleList(nn.Conv2d(w[i + 1], w[i], 1) for i in range(3))
             self.up = nn.ModuleList(ResBlock(w[i], w[i], norm) for i in range(3))
             self.heat = nn.Conv2d(w[0], N_LANDMARKS, 1)
+            local = w[0]
         else:
             self.lateral = nn.ModuleList(nn.Conv2d(w[i], w[1], 1) for i in range(1, 4))
             self.up = nn.ModuleList([ResBlock(w[1], w[1], norm)])
-            self.heat = nn.Sequential(
-                nn.ConvTranspose2d(w[1], w[1], 4, 2, 1), nn.ReLU(), nn.Conv2d(w[1], N_LANDMARKS, 1)
-            )
+            self.fine = nn.Sequential(nn.ConvTranspose2d(w[1], w[1], 4, 2, 1), nn.ReLU())
+            self.heat = nn.Conv2d(w[1], N_LANDMARKS, 1)
+            local = w[1]
+        self.local = nn.Linear(local, 8)  # per-landmark descriptor width
         self.head = nn.Sequential(
-            nn.Linear(2 * w[3], 128), nn.ReLU(), nn.Linear(128, shape.n_expression + 2)
+            nn.Linear(2 * w[3] + 8 * N_LANDMARKS, 256),
+            nn.ReLU(),
+            nn.Linear(256, shape.n_expression + 2),
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -104,33 +115,40 @@ class FaceCritic(nn.Module):
         feats = [self.stem(x)]  # unet: (B,w0,S,S); resnet: (B,w0,S/2,S/2)
         for block in self.down:
             feats.append(block(feats[-1]))  # three halvings
-        heatmap = self._heatmap(feats)
-        if heatmap.shape[-1] != HEATMAP_SIZE:  # resnet at another work size
-            heatmap = F.interpolate(heatmap, (HEATMAP_SIZE,) * 2, mode="bilinear")
+        fine = self._fine(feats)  # (B,c,64,64)
+        logits = self.heat(fine)  # (B,68,64,64)
+        prob = logits.flatten(2).softmax(dim=2)  # (B,68,4096): where each landmark is
+        local = torch.einsum("bkp,bcp->bkc", prob, fine.flatten(2))  # (B,68,c) under each map
         z = feats[-1]  # (B,w3,S/8,S/8) or (B,w3,S/16,S/16)
-        out = self.head(torch.cat([z.mean(dim=(2, 3)), z.amax(dim=(2, 3))], dim=1))
+        pooled = [z.mean(dim=(2, 3)), z.amax(dim=(2, 3)), self.local(local).flatten(1)]
+        out = self.head(torch.cat(pooled, dim=1))
         c = self.n_expression
         return {
             "expression": out[:, :c],  # (B,C) logits
             "valence": out[:, c],  # (B,)
             "arousal": out[:, c + 1],  # (B,)
-            "heatmap": heatmap,  # (B,68,64,64)
+            "heatmap": prob.reshape_as(logits) * HEATMAP_GAIN,  # (B,68,64,64)
+            "heatmap_logits": logits,  # what training's cross-entropy reads
         }
 
-    def _heatmap(self, feats: list[Tensor]) -> Tensor:
+    def _fine(self, feats: list[Tensor]) -> Tensor:
+        """The 64x64 feature map the heatmaps and the local descriptors come from."""
         if self.shape.arch == "unet":  # decode 8 -> 16 -> 32 -> 64 with skips
             y = feats[3]
             for i in (2, 1, 0):
                 y = F.interpolate(self.lateral[i](y), scale_factor=2.0, mode="nearest")
                 y = self.up[i](y + feats[i])
-            return self.heat(y)
+            return y
         # resnet: sum the three deeper levels at the finest of them, then upsample 2x
         target = feats[1].shape[-2:]
         y = sum(
             F.interpolate(lat(f), target, mode="bilinear")
             for lat, f in zip(self.lateral, feats[1:], strict=True)
         )
-        return self.heat(self.up[0](y))
+        y = self.fine(self.up[0](y))
+        if y.shape[-1] != HEATMAP_SIZE:  # a work size other than 128
+            y = F.interpolate(y, (HEATMAP_SIZE,) * 2, mode="bilinear")
+        return y
 
 
 def save_face_critic(model: FaceCritic, folder: str | os.PathLike, extra: dict | None = None):

@@ -109,9 +109,16 @@ def _load_folder_or_hub(path: str, revision: str | None, variant: str | None) ->
     )
 
 
+def looks_like_path(spec: str) -> bool:
+    """'/x', './x', '~/x', 'C:\\x', 'a/b/c' are paths; a hub id is 'org/name' or 'name'."""
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+
+
 def _missing_model_message(spec: str, err: Exception) -> str:
     if Path(spec).exists():
         return f"{spec}: not a readable Stable Diffusion folder or file ({err})"
+    if looks_like_path(spec):
+        return f"{spec}: no such file or folder (model.pretrained names a local path)"
     return (
         f"base model {spec!r} is not a local folder and is not in the Hugging Face cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fetch it on a machine with "

@@ -52,14 +52,41 @@ def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] | list[str] = _WOR
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def sd_training_scheduler():
+    """SD 1.x's noise schedule (scaled-linear betas 0.00085..0.012, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline of parts built in code (no safety checker, as SD folders
+    saved for training ship)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random SD pipeline folder (model_index.json + components)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -107,25 +134,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     text_encoder.config.bos_token_id = tokenizer.bos_token_id
     text_encoder.config.eos_token_id = tokenizer.eos_token_id
     text_encoder.config.pad_token_id = tokenizer.pad_token_id
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, sd_training_scheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
     for f in tok_dir.iterdir():
         f.unlink()

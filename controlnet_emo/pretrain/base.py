@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import load_typed
 from ..losses import diffusion_loss
-from ..models.tiny import write_tiny_tokenizer
+from ..models.tiny import sd_pipeline, sd_training_scheduler, write_tiny_tokenizer
 from .faces import FaceSet, caption_words, render_faces
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class BaseShape:
 
 @dataclass
 class VaeStage:
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 32
     learning_rate: float = 1.0e-3
     kl_weight: float = 1.0e-6
@@ -58,7 +58,7 @@ class VaeStage:
 
 @dataclass
 class UnetStage:
-    steps: int = 6000
+    steps: int = 4500
     batch_size: int = 32
     learning_rate: float = 8.0e-4
     warmup_steps: int = 200
@@ -101,7 +101,7 @@ def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainB
 
 def build_base(shape: BaseShape, tokenizer_dir: Path, seed: int):
     """Random VAE, UNet, text encoder, the caption tokenizer and SD's training scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -146,16 +146,7 @@ def build_base(shape: BaseShape, tokenizer_dir: Path, seed: int):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return vae, unet, text_encoder, tokenizer, scheduler
+    return vae, unet, text_encoder, tokenizer, sd_training_scheduler()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +273,6 @@ def held_out_diffusion_loss(unet, text_encoder, tokenizer, scheduler, moments, f
 def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     """Both stages, then ``OUT/model/`` (fp16 diffusers pipeline + pretrain_report.json) and
     ``OUT/samples.png`` (held-out prompts: real faces over generated ones)."""
-    from diffusers import StableDiffusionPipeline
-
     out = Path(cfg.output_dir)
     model_dir = out / "model"
     out.mkdir(parents=True, exist_ok=True)
@@ -316,16 +305,7 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     )
     del scheduler.vae_scaling_factor
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     write_samples(pipe, held, out / "samples.png")
     timings["total_s"] = time.perf_counter() - t0
     report |= {

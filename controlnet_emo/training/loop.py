@@ -34,6 +34,7 @@ from ..models.controlnet import build_controlnet
 from ..models.sd import load_sd, vae_scale_factor
 from ..models.unet_tuning import configure_unet, save_unet
 from . import checkpointing
+from .divergence import DivergedError, non_finite_terms
 from .step import TrainModels, compute_losses
 from .validation import sample_grid, validation_loss
 
@@ -44,6 +45,7 @@ def train(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
+    check_dataset(cfg)  # a wrong data.root fails here, not after the base model loaded
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -95,21 +97,38 @@ def train(cfg: Config) -> Path:
         trainable,
         [controlnet, models.sd.unet] if unet_trains else [controlnet],
     )
+    bad_streak = bad_total = 0
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        totals, grad_norm = optimizer_step(cfg, models, accelerator, train_iter, step, opt)
+        totals, grad_norm, bad = optimizer_step(cfg, models, accelerator, train_iter, step, opt)
         step += 1
+        bad_streak = bad_streak + 1 if bad else 0
+        bad_total += bool(bad)
+        if bad:
+            log.warning("step %d skipped: not finite: %s", step, ", ".join(bad))
         if ema is not None:
             ema.step(accelerator.unwrap_model(controlnet).parameters())
         record = {k: float(accelerator.reduce(v, "mean")) for k, v in totals.items()}
         record.update(
             step=step,
+            bad_steps=bad_total,
             lr=lr_scheduler.get_last_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=cfg.train.total_batch_size / (time.perf_counter() - t0),
         )
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if bad:
+            record["skipped"] = bad
+            metrics.write(record)
+            if bad_streak >= cfg.train.max_bad_steps:
+                progress.close()
+                raise DivergedError(
+                    f"training diverged: {bad_streak} steps in a row with non-finite "
+                    f"{', '.join(bad)} (last at step {step}); weights were not updated by them, "
+                    f"the last checkpoint in {out} is good; lower train.learning_rate"
+                )
+            continue
 
         if step % cfg.train.validate_every == 0 or step == cfg.train.max_steps:
             record.update(validate(cfg, models, accelerator, val_batches, val_prompts, step))
@@ -143,25 +162,28 @@ def optimizer_step(
     train_iter,
     step: int,
     opt: Optimization,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """One optimizer step over ``accum`` micro-batches; returns mean terms and grad norm."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, list[str]]:
+    """One optimizer step over ``accum`` micro-batches; returns mean terms, grad norm and the
+    names of what was not finite (then the update was skipped on every process)."""
     accum = accelerator.gradient_accumulation_steps
     totals: dict[str, torch.Tensor] = {}
-    grad_norm = None
+    grad_norm, bad = None, []
     for micro in range(accum):
         batch = next(train_iter).to(accelerator.device)
         g = step_generator(cfg.seed, step, micro, accelerator.process_index)
         with accelerator.accumulate(*opt.modules):
             loss, terms = compute_losses(models, batch, cfg, g)
             accelerator.backward(loss)
+            for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / accum
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(opt.params, cfg.train.max_grad_norm)
-            opt.optimizer.step()
-            opt.lr_scheduler.step()
+                bad = non_finite_terms(totals, grad_norm, accelerator)
+                if not bad:
+                    opt.optimizer.step()
+                    opt.lr_scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
-        for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
-            totals[k] = totals.get(k, 0.0) + v.detach() / accum
-    return totals, grad_norm
+    return totals, grad_norm, bad
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -187,6 +209,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cfg, accelerator.num_processes
     )
     return accelerator
+
+
+def check_dataset(cfg: Config) -> None:
+    """The training split's metadata parses and is not empty (ConfigError naming the file)."""
+    from ..config import ConfigError
+
+    path = Path(cfg.data.root) / "metadata.jsonl"
+    try:
+        records = read_metadata(cfg.data.root, cfg.data.train_split, cfg.conditions)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.root: {err}") from None
+    if not records:
+        raise ConfigError(f"data.root: {path} has no samples in split {cfg.data.train_split!r}")
 
 
 def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, list, bool]:

@@ -249,7 +249,7 @@ class PrepareJob:
         if source == "fan" and self.cfg.skeleton.source == "annotations":
             raise SampleSkip("no_landmarks", "skeleton.source=annotations")
         try:
-            points = landmarks if source == "annotations" else self.skeleton.landmarks(image, box)
+            points = self.skeleton.points(image, landmarks, box)
             height, width = image.shape[:2]
             return draw_skeleton(points, height, width), points, source
         except NoFaceError as err:

@@ -92,9 +92,19 @@ class SkeletonConditioner:
     ) -> np.ndarray:
         """``box`` is (x, y, width, height); without one FAN looks at the whole image."""
         height, width = image.shape[:2]
+        return draw_skeleton(self.points(image, landmarks, box), height, width)
+
+    def points(
+        self,
+        image: np.ndarray,
+        landmarks: np.ndarray | None = None,
+        box: tuple[float, float, float, float] | None = None,
+    ) -> np.ndarray:
+        """The (68, 2) points the skeleton is drawn from: the given landmarks, or FAN's when
+        there are none or ``source`` is 'fan' (prepare records them for evaluation)."""
         if landmarks is None or self.source == "fan":
-            landmarks = self.landmarks(image, box)
-        return draw_skeleton(landmarks, height, width)
+            return self.landmarks(image, box)
+        return landmarks
 
     def landmarks(
         self, image: np.ndarray, box: tuple[float, float, float, float] | None = None

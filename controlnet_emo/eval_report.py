@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -191,13 +190,8 @@ def plot_confusion(
         counts = confusion_matrix(read[kind]["expression"], expression, n_classes).double()
         share = counts / counts.sum(1, keepdim=True).clamp(min=1)
         ax.imshow(share.numpy(), vmin=0, vmax=1, cmap="Blues")
-        for (r, c), v in zip(
-            torch.cartesian_prod(*(torch.arange(n_classes),) * 2).tolist(),
-            counts.flatten().tolist(),
-            strict=True,
-        ):
-            if v:
-                ax.text(c, r, int(v), ha="center", va="center", fontsize=7)
+        for r, c in counts.nonzero().tolist():
+            ax.text(c, r, int(counts[r, c]), ha="center", va="center", fontsize=7)
         acc = counts.diag().sum() / counts.sum().clamp(min=1)
         ax.set_title(f"{dict(KINDS)[kind]}: top-1 {float(acc):.0%}", fontsize=10)
         ax.set_xticks(range(n_classes), names, rotation=60, fontsize=7)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import load_typed
+from ..config import ConfigError, load_typed
 from ..losses import diffusion_loss
 from ..models.tiny import sd_pipeline, sd_training_scheduler, write_tiny_tokenizer
 from .faces import FaceSet, caption_words, render_faces
@@ -82,8 +82,6 @@ class PretrainBaseConfig:
 
 
 def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainBaseConfig:
-    from ..config import ConfigError
-
     cfg = load_typed(PretrainBaseConfig, path, overrides)
     levels = len(cfg.model.vae_channels)
     if cfg.model.resolution % 2 ** (levels - 1) or min(cfg.n_train, cfg.n_held_out) < 1:
@@ -230,7 +228,6 @@ def train_unet(
         idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
         mean, std = moments[idx].chunk(2, dim=1)
         latents = mean + std * torch.randn(mean.shape, generator=g)  # (B,C,h,w)
-        latents = latents * scheduler.vae_scaling_factor
         drop = torch.rand(len(idx), generator=g) < stage.caption_dropout
         tokens = torch.where(drop[:, None], empty, ids[idx])
         noise = torch.randn(latents.shape, generator=g)
@@ -257,7 +254,7 @@ def held_out_diffusion_loss(unet, text_encoder, tokenizer, scheduler, moments, f
     """Unweighted epsilon MSE on held-out faces at fixed noise and timesteps (comparable)."""
     g = torch.Generator().manual_seed(0)
     ids = tokenizer(faces.captions, padding="max_length", truncation=True, return_tensors="pt")
-    latents = moments.chunk(2, dim=1)[0] * scheduler.vae_scaling_factor
+    latents = moments.chunk(2, dim=1)[0]
     noise = torch.randn(latents.shape, generator=g)
     t = torch.linspace(0, scheduler.config.num_train_timesteps - 1, len(faces)).long()
     noisy = scheduler.add_noise(latents, noise, t)
@@ -293,7 +290,7 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     # SD's convention: scale latents to unit variance (SD 1.x's 0.18215 was found the same way).
     scaling = float(1.0 / moments.chunk(2, dim=1)[0].std())
     vae.register_to_config(scaling_factor=scaling)
-    scheduler.vae_scaling_factor = scaling
+    moments = moments * scaling  # mean and std of the *scaled* latents, as the UNet sees them
 
     t = time.perf_counter()
     report["unet"] = train_unet(
@@ -301,9 +298,8 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     )
     timings["unet_s"] = time.perf_counter() - t
     report["unet"]["held_out_eps_mse"] = held_out_diffusion_loss(
-        unet, text_encoder, tokenizer, scheduler, encode_moments(vae, held), held
+        unet, text_encoder, tokenizer, scheduler, encode_moments(vae, held) * scaling, held
     )
-    del scheduler.vae_scaling_factor
 
     pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     write_samples(pipe, held, out / "samples.png")

@@ -14,7 +14,9 @@ render and the loss. The research reports +8 points top-1 (31 -> 39 %) from its 
 
     python benchmarks/emotion_ablation.py --out runs/ablation --steps 400
 
-Prints a JSON line per (variant, prompt) and a Markdown table for BENCHMARKS.md.
+Prints a JSON line per (variant, prompt) and a Markdown table for BENCHMARKS.md; "maps x" is
+the held-out noise-prediction error with another sample's maps over that with the own maps
+(``controlnet_emo/map_reliance.py``): 1.00 means the ControlNet ignores its maps.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
                 "train_s": round(train_s, 1),
                 "steps": cfg.train.max_steps,
                 "n": m["n"],
+                "maps_shuffled_over_own": m["map_reliance"]["shuffled_over_own"],
                 **{key: m["generated"].get(key) for _, key in COLUMNS},
                 "baseline": {key: m["baseline"].get(key) for _, key in COLUMNS},
                 "real": {key: m["real"].get(key) for _, key in COLUMNS},
@@ -108,14 +111,14 @@ def markdown(rows: list[dict]) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     lines = [
-        "| variant | prompt | " + " | ".join(name for name, _ in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| variant | prompt | " + " | ".join(name for name, _ in COLUMNS) + " | maps x |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 1),
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['prompt']} | "
             + " | ".join(cell(r[key]) for _, key in COLUMNS)
-            + " |"
+            + f" | {cell(r['maps_shuffled_over_own'])} |"
         )
     for label in ("baseline", "real"):
         for r in rows:
@@ -123,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
                 lines.append(
                     f"| {label} ({r['variant']} run) | {r['prompt']} | "
                     + " | ".join(cell(r[label][key]) for _, key in COLUMNS)
-                    + " |"
+                    + " | - |"
                 )
     return "\n".join(lines)
 

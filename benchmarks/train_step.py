@@ -4,8 +4,9 @@ Why: the pixel-space losses decode the predicted latent, and the SD VAE decoder 
 UNet (FACTS.md); this script measures what each recipe really adds to a step, so recipe
 choices rest on numbers. It mirrors the training loop: latents from ``vae.encode`` and text
 from the text encoder (no grad), noise + ``add_noise``, ControlNet residuals into the frozen
-UNet, ``diffusion_loss`` + ``PixelLosses``, backward, AdamW on the ControlNet only, gradient
-checkpointing on UNet and ControlNet.
+UNet, ``diffusion_loss`` + ``PixelLosses``, backward, fused AdamW on the ControlNet only,
+gradient checkpointing on UNet and ControlNet; on CUDA the trainer's TF32 and channels_last
+too, and ``Bench.set_compiled`` for ``train.compile`` (used by ``gpu_bench.py``).
 
 Architectures: ``tiny`` (the test model) and ``sd15`` (SD 1.5's UNet/VAE/CLIP-L/ControlNet
 shapes, random weights, built in code: nothing is downloaded). Critics are random too
@@ -219,7 +220,13 @@ class Bench:
             frozen.requires_grad_(False).to(device, dtype)
         self.unet.enable_gradient_checkpointing()
         self.controlnet.to(device).train().enable_gradient_checkpointing()
-        self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=1e-5)
+        if device.type == "cuda":  # the trainer's GPU path (training/loop.py)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            for module in (self.unet, self.vae, self.controlnet):
+                module.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=1e-5, fused=True)
+        self.eager = (self.unet, self.controlnet)
         for p in self.controlnet.parameters():  # resident from the start, as after step one
             p.grad = torch.zeros_like(p)
         self.generator = torch.Generator(device).manual_seed(0)
@@ -294,6 +301,18 @@ class Bench:
         weights = cfg.loss.weights()
         sum(weights[k] * v.float() for k, v in terms.items()).backward()
         return {k: v.item() for k, v in terms.items()}
+
+    def set_compiled(self, on: bool, backend: str = "inductor") -> None:
+        """Run the UNet and ControlNet through torch.compile (static shapes), as
+        ``train.compile`` does, or eagerly; the compiled wrappers share the eager weights."""
+        if not on:
+            self.unet, self.controlnet = self.eager
+            return
+        if not hasattr(self, "_compiled"):
+            self._compiled = tuple(
+                torch.compile(m, dynamic=False, backend=backend) for m in self.eager
+            )
+        self.unet, self.controlnet = self._compiled
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

@@ -39,8 +39,19 @@ OUTPUT_KIND = {
 }
 
 
+DEFAULT_MODEL = "Intel/zoedepth-nyu-kitti"
+AUTO, PRECOMPUTED = "auto", "precomputed"
+"""``depth.model`` words that are not a network: maps on disk when complete, else the default."""
+
+
 class DepthModelError(FileNotFoundError):
     """The depth weights are not where an offline run can read them."""
+
+
+def network_name(model: str) -> str:
+    """The network a ``depth.model`` value runs: 'auto' / 'precomputed' mean the default one
+    (what ``infer --reference`` needs from a run whose training maps came from disk)."""
+    return DEFAULT_MODEL if model in (AUTO, PRECOMPUTED) else model
 
 
 def normalise_depth(prediction: np.ndarray, kind: str) -> np.ndarray:
@@ -64,7 +75,7 @@ class DepthConditioner:
 
     def __init__(
         self,
-        model: str = "Intel/zoedepth-nyu-kitti",
+        model: str = DEFAULT_MODEL,
         device: str | None = None,
         batch_size: int = 8,
         input_size: int = 512,
@@ -76,6 +87,7 @@ class DepthConditioner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         self.input_size = input_size
+        model = network_name(model)
         source = tiny_zoedepth_dir() if model == "tiny" else model
         local_only = not allow_download or _hub_offline()
         try:
@@ -160,7 +172,8 @@ def _missing_message(model: str, err: Exception) -> str:
         f"depth model {model!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
         f"this run does not download. Fetch it once with `hf download {model}` (older hubs: "
         f"`huggingface-cli download {model}`), or pass a local folder with "
-        "--set depth.model=/path/to/model, or use --set depth.model=precomputed."
+        "--set depth.model=/path/to/model, or put precomputed maps under RAW/depth/ "
+        "(--set depth.model=precomputed, or auto when every sample has one)."
     )
 
 
@@ -176,6 +189,10 @@ class PrecomputedDepth:
 
     def path(self, key: str) -> Path:
         return self.root / Path(key).with_suffix(".png")
+
+    def missing(self, keys: list[str]) -> list[str]:
+        """The keys with no stored map (what decides ``depth.model: auto``)."""
+        return [key for key in keys if not self.path(key).is_file()]
 
     def load(self, key: str, height: int, width: int) -> np.ndarray:
         """The stored map as float32 [0, 1], resized to the sample's canvas."""

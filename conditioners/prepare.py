@@ -15,14 +15,21 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from conditioners.depth import DepthConditioner, PrecomputedDepth, to_png_values
+from conditioners.depth import (
+    AUTO,
+    DEFAULT_MODEL,
+    PRECOMPUTED,
+    DepthConditioner,
+    PrecomputedDepth,
+    to_png_values,
+)
 from conditioners.flame import FlameConditioner
 from conditioners.io import (
     ImageError,
@@ -120,6 +127,8 @@ class Plan:
     index: RawIndex
     selected: list[RawSample]
     not_selected: int
+    depth_source: str = PRECOMPUTED
+    """What makes the depth maps: 'precomputed' or the model ``depth.model`` resolved to."""
 
 
 def plan_samples(raw_dir: Path, cfg: Config) -> Plan:
@@ -129,7 +138,27 @@ def plan_samples(raw_dir: Path, cfg: Config) -> Plan:
     )
     selected, duplicates = _unique_outputs(chosen)
     index.skipped.extend(duplicates)
-    return Plan(Path(raw_dir), index, selected, len(index.samples) - len(chosen))
+    depth = resolve_depth_source(cfg.depth.model, Path(raw_dir), selected)
+    return Plan(Path(raw_dir), index, selected, len(index.samples) - len(chosen), depth)
+
+
+def resolve_depth_source(model: str, raw_dir: Path, selected: list[RawSample]) -> str:
+    """``depth.model: auto`` -> 'precomputed' when RAW/depth/ has a map for every selected
+    sample (synthetic and pre-processed data ship them), else the default depth model.
+
+    Decided once for the whole job, before any shard starts: mixing sources would give one
+    dataset two depth conventions. Other values pass through unchanged.
+    """
+    if model != AUTO:
+        return model
+    missing = PrecomputedDepth(raw_dir).missing([s.key for s in selected])
+    if not missing:
+        return PRECOMPUTED
+    logger.info(
+        "depth.model=auto: %d of %d selected samples have no map under %s (e.g. %s); "
+        "running %s", len(missing), len(selected), raw_dir / "depth", missing[0], DEFAULT_MODEL,
+    )  # fmt: skip
+    return DEFAULT_MODEL
 
 
 def prepare_shard(
@@ -143,6 +172,7 @@ def prepare_shard(
 ) -> dict[str, Any]:
     """Prepare every ``world``-th selected sample starting at ``rank``; keep its own shard files."""
     shard_name = f"shard-{rank:05d}"
+    cfg = replace(cfg, depth=replace(cfg.depth, model=plan.depth_source))
     job = PrepareJob(plan.raw_dir, Path(out_dir), cfg, device, shard_name)
     summary = job.run(plan.selected[rank::world], show_progress=show_progress)
     write_json(Path(out_dir) / PROGRESS / f"{shard_name}.run.json", summary)
@@ -333,11 +363,12 @@ class FileDepth:
             return SampleSkip("corrupt_depth", err.detail)
 
 
-DEPTH_SOURCES = {"precomputed": lambda cfg, raw_dir, device: FileDepth(raw_dir)}
+DEPTH_SOURCES = {PRECOMPUTED: lambda cfg, raw_dir, device: FileDepth(raw_dir)}
 
 
 def make_depth_source(cfg: Config, raw_dir: Path, device: str):
-    """``depth.model``: 'precomputed' reads RAW/depth/, anything else is a model to load."""
+    """``depth.model`` (resolved, never 'auto'): 'precomputed' reads RAW/depth/, anything
+    else is a model to load."""
     special = DEPTH_SOURCES.get(cfg.depth.model)
     if special is not None:
         return special(cfg, raw_dir, device)
@@ -405,6 +436,7 @@ def _report(
         },
         "landmarks": dict(Counter(i.get("landmarks") for i in infos if i)),
         "depth_model": cfg.depth.model,
+        "depth_source": plan.depth_source,
         "processes": num_processes,
         "skipped_files": [s.to_dict() for s in sorted(skipped, key=lambda s: (s.reason, s.key))],
     }

@@ -62,10 +62,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Exit 0 when finished; PREEMPTED_EXIT_CODE (85) after a SIGTERM stop with its checkpoint
+    written (the trainer logged the one line saying so), for schedulers to requeue."""
+    from .training.checkpointing import PREEMPTED_EXIT_CODE, Preempted
     from .training.loop import train
 
     cfg = config_from_args(args)
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     print(f"run written to {out}")
     return 0
 
@@ -245,7 +251,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         type=Path,
-        help="run folder, or an exported diffusers ControlNet folder (+ --base)",
+        help="run folder, an exported diffusers ControlNet folder, or a controlnet.safetensors "
+        "from `controlnet-emo export` (conditions and base read from it; --base overrides)",
     )
     p.add_argument(
         "--flame",

@@ -39,6 +39,9 @@ class ControlNetConfig:
     """stacked: one ControlNet with 3 hint channels per condition; multi: one 3-channel net each."""
     init: str = "from_unet"
     """from_unet (copy the UNet encoder, as the ControlNet paper does) or a path to a ControlNet."""
+    hint_init: Literal["zero", "random"] = "zero"
+    """The hint encoder's last conv: zero (the paper) or random. The residual zero convs alone
+    keep a new ControlNet a no-op, and a random last conv lets the hint reach them from step 1."""
 
 
 @dataclass
@@ -72,6 +75,12 @@ class DataConfig:
     caption_dropout: float = 0.0
     num_workers: int = 2
     cache_latents: bool = False
+    """Encode every training image once (centre crop and its mirror image) and draw each
+    step's posterior sample from the cached moments: no VAE encoder in the step. Flips are
+    kept; random crops are not (the cache holds the centre crop)."""
+    cache_text: bool = True
+    """Encode each distinct caption once per run and reuse its text-encoder states (training
+    and validation loss); identical to encoding every time."""
     hflip: bool = True
     train_split: str = "train"
     val_split: str = "val"
@@ -149,6 +158,9 @@ class TrainConfig:
     max_steps: int = 1000
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
+    compile: bool = False
+    """torch.compile the UNet and ControlNet (static shapes): faster steps after a compile of
+    a minute or more at start; worth it for long GPU runs."""
     use_8bit_adam: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
@@ -188,8 +200,10 @@ class FlameConfig:
 
 @dataclass
 class DepthConfig:
-    model: str = "Intel/zoedepth-nyu-kitti"
-    """Hub id / local folder of any AutoModelForDepthEstimation, 'precomputed', or 'tiny'."""
+    model: str = "auto"
+    """auto: the maps under RAW/depth/ when every selected sample has one, else ZoeDepth
+    (Intel/zoedepth-nyu-kitti); 'precomputed' (RAW/depth/ only; a missing map is a skip);
+    'tiny'; or the hub id / local folder of any AutoModelForDepthEstimation."""
     batch_size: int = 8
     bits: Literal[8, 16] = 16
     input_size: int = 512

@@ -166,6 +166,13 @@ def format_table(m: dict[str, Any]) -> str:
                 for v in cells
             )
         )
+    if "map_reliance" in m:
+        r = m["map_reliance"]
+        lines.append(
+            f"reliance on the maps (held-out noise-prediction MSE): own {r['own']:.4f}, "
+            f"another sample's {r['shuffled']:.4f} (x{r['shuffled_over_own']:.2f}), "
+            f"none {r['none']:.4f} (x{r['none_over_own']:.2f})"
+        )
     return "\n".join(lines)
 
 

@@ -12,7 +12,10 @@ critic (EmoNet, or a face critic with its contract):
 - geometry: landmarks from the critic's 68 heatmaps; NME (normalised by the target's
   outer-eye-corner distance) against the target's landmarks that prepare recorded, or the
   critic's reading of the target where there are none. A control generation with every map
-  zeroed (what condition dropout trained for) shows what the ControlNet adds.
+  zeroed (what condition dropout trained for) shows what the ControlNet adds;
+- reliance on the maps: the held-out noise-prediction error with each sample's own maps
+  against another sample's and none (``map_reliance.py``), which needs no sampling and
+  tells a ControlNet that follows its render from one that ignores it.
 
 A critic must not grade its own pupil: ``evaluate`` warns when it is the run's training
 critic (the demo grades with ``demo-critic-eval``, trained apart from ``demo-critic-train``).
@@ -34,6 +37,7 @@ from .config import Config, load_config
 from .data.dataset import PreparedDataset, Record, collate, read_metadata
 from .eval_report import format_table, sample_row, write_outputs
 from .inference import load_pipeline, model_info
+from .map_reliance import map_reliance
 from .metrics import crop_landmarks, emotion_metrics, heatmap_landmarks, nme
 
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
@@ -257,6 +261,10 @@ def evaluate(
         grid_rows=grid_rows,
         targets=target_landmarks(data, records, size),
     )
+    batches = [
+        collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        for start in range(0, len(ds), batch_size)
+    ]
     metrics: dict[str, Any] = {
         "n": len(records),
         "split": split,
@@ -280,6 +288,7 @@ def evaluate(
             "baseline": baseline,
             "prompt": prompt,
         },
+        "map_reliance": map_reliance(pipe, batches),
     } | score(read, labels, critic.n_expression)
     out = Path(out) if out is not None else Path(run) / "eval"
     samples = [sample_row(i, r, prompts[i], read, labels) for i, r in enumerate(records)]

@@ -10,12 +10,13 @@ says which map goes in which hint channels.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .model_info import (
     ExportError,
     ModelInfo,
     check_channels,
+    dtype_kwargs,
     load_controlnets,
     read_model_info,
     write_sidecar,
@@ -38,6 +40,37 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "single-file", "multi")
 ORIGINAL_IMPLEMENTATION = "https://github.com/lllyasviel/ControlNet"
+HASH_KEY = "controlnet_emo.weights_sha256"
+"""Single-file metadata key (the sidecar's is ``weights_sha256``) of `weights_sha256`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight hashes
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: per tensor, in name order, its name, dtype, shape and bytes.
+
+    Why not the file's hash: the metadata that carries it lives inside the file. This one
+    any loader can recompute from the tensors alone (``safetensors.torch.load_file``), and
+    it changes with any weight, name, shape or dtype.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_weights(state: Mapping[str, torch.Tensor], expected: str | None, where: str) -> None:
+    """Refuse weights whose hash differs from the one recorded at export (a damaged or
+    edited file would otherwise draw subtly wrong faces); no recorded hash: nothing to check."""
+    if expected and weights_sha256(state) != expected:
+        raise ExportError(
+            f"{where}: weights do not match their recorded SHA-256 ({expected[:12]}...); "
+            "the file is damaged or was changed after export: export it again"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +129,7 @@ def _save_folder(net: torch.nn.Module, folder: Path, info: dict[str, Any]) -> No
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp, safe_serialization=True)
-    write_sidecar(tmp, info)
+    write_sidecar(tmp, {**info, "weights_sha256": weights_sha256(net.state_dict())})
     old = folder.with_name(folder.name + f".old{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
@@ -125,10 +158,63 @@ def write_single_file(
         k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
         for k, v in state.items()
     }
+    metadata = {**metadata, HASH_KEY: weights_sha256(state)}
     path = Path(path)
     with atomic_write(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", **metadata})
     return path
+
+
+def read_single_file(path: str | Path) -> tuple[ModelInfo, dict[str, Any], str | None]:
+    """The ModelInfo, diffusers config and weight hash embedded in one of our single files.
+
+    One file holds one net (a multi run's per-condition file is a plain 3-channel net), so
+    the mode is always stacked; the base is what training used (``--base`` overrides it).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{path}: not a readable .safetensors file ({err})") from None
+    if "controlnet_emo.conditions" not in meta or "controlnet_emo.diffusers_config" not in meta:
+        raise ExportError(
+            f"{path}: no controlnet-emo metadata (conditions, diffusers config); pass the run "
+            "folder it came from, or a file written by `controlnet-emo export`"
+        )
+    base = meta.get("controlnet_emo.base_model")
+    info = ModelInfo(
+        conditions=meta["controlnet_emo.conditions"].split(","),
+        base_model=None if base in (None, "", "None") else base,
+        resolution=int(meta.get("controlnet_emo.resolution", 512)),
+        steps=int(meta.get("controlnet_emo.steps", 0)),
+        unet_trainable=meta.get("controlnet_emo.unet_trainable", "none"),
+        loss_weights=json.loads(meta.get("controlnet_emo.loss_weights", "{}")),
+    )
+    if "controlnet_emo.depth_model" in meta:
+        info.depth_model = meta["controlnet_emo.depth_model"]
+    return info, json.loads(meta["controlnet_emo.diffusers_config"]), meta.get(HASH_KEY)
+
+
+def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """The ControlNet of one of our single files, its weights checked against their hash."""
+    import tempfile
+
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    info, config, expected = read_single_file(path)
+    check_weights(load_file(str(path)), expected, str(path))
+    with tempfile.TemporaryDirectory(prefix="controlnet-emo-config-") as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        try:
+            net = ControlNetModel.from_single_file(str(path), config=folder, **dtype_kwargs(dtype))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ExportError(f"{path}: not a loadable ControlNet single file ({err})") from None
+    check_channels([net], info.conditions, "stacked", where=str(path))
+    return net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +268,7 @@ def info_metadata(
         "controlnet_emo.loss_weights": json.dumps(info.loss_weights),
         "controlnet_emo.steps": str(info.steps),
         "controlnet_emo.unet_trainable": info.unet_trainable,
+        "controlnet_emo.depth_model": info.depth_model,
     }
     if condition:
         meta["controlnet_emo.run_conditions"] = ",".join(info.conditions)

@@ -56,9 +56,10 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     scheduler: str = "unipc",
 ) -> tuple[Any, ModelInfo]:
-    """A diffusers ControlNet pipeline for a run folder or an exported ControlNet folder.
+    """A diffusers ControlNet pipeline for a run folder, an exported ControlNet folder or one
+    of our single files (its embedded metadata says the conditions and the base).
 
-    The base comes from the run (config.yaml / sidecar) unless ``base`` overrides it. A tuned
+    The base comes from the run (config.yaml / sidecar / metadata) unless ``base`` overrides it. A tuned
     UNet saved with the run (``unet/`` or ``unet_lora/``) is loaded on top of the base.
     """
     from diffusers import StableDiffusionControlNetPipeline, UNet2DConditionModel
@@ -75,10 +76,7 @@ def load_pipeline(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    try:
-        nets = load_controlnets(info, dtype)
-    except ExportError as err:
-        raise InferenceError(str(err)) from None
+    nets = _load_nets(model, info, dtype)
     controlnet = MultiControlNetModel(nets) if info.mode == "multi" else nets[0]
     kwargs: dict[str, Any] = dict(
         controlnet=controlnet,
@@ -106,9 +104,25 @@ def load_pipeline(
 
 
 def model_info(model: str | Path) -> ModelInfo:
-    """read_model_info, with its errors as InferenceError."""
+    """read_model_info (a single file: its metadata), with its errors as InferenceError."""
+    from .export import read_single_file
+
     try:
+        if Path(model).is_file():
+            return read_single_file(model)[0]
         return read_model_info(model)
+    except ExportError as err:
+        raise InferenceError(str(err)) from None
+
+
+def _load_nets(model: str | Path, info: ModelInfo, dtype: torch.dtype | None) -> list[Any]:
+    """The ControlNet(s) of a folder, or the one net of a single file (hash checked)."""
+    from .export import load_single_file
+
+    try:
+        if Path(model).is_file():
+            return [load_single_file(model, dtype)]
+        return load_controlnets(info, dtype)
     except ExportError as err:
         raise InferenceError(str(err)) from None
 

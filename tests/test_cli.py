@@ -136,3 +136,14 @@ def test_a_missing_local_base_is_a_missing_path_not_a_hub_download(tmp_path, pre
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "/no/such/model: no such file or folder" in err
     assert "huggingface-cli" not in err
+
+
+def test_synth_then_prepare_works_with_the_default_config(tmp_path, capsys):
+    """depth.model defaults to auto: synthetic raw data ships its depth maps, so a plain
+    `synth raw && prepare raw prepared` needs no depth network."""
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    assert main(["synth", str(raw), "--n", "4", "--resolution", "96"]) == 0
+    assert main(["prepare", str(raw), str(out)]) == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["depth_source"] == "precomputed" and report["depth_model"] == "auto"
+    assert report["prepared"] == 4

@@ -258,6 +258,25 @@ def test_precomputed_depth_reads_16_bit_near_bright(tmp_path):
         PrecomputedDepth(tmp_path).load("0/b.jpg", 5, 10)
 
 
+def test_depth_auto_uses_stored_maps_only_when_every_sample_has_one(tmp_path):
+    """auto: RAW/depth/ when complete, else the default network (never a mix of the two)."""
+    from conditioners.depth import DEFAULT_MODEL, network_name
+    from conditioners.prepare import plan_samples
+    from controlnet_emo.config import load_config
+    from controlnet_emo.data.synthetic import write_raw_dataset
+
+    raw = write_raw_dataset(tmp_path / "raw", 4, resolution=96)
+    cfg = load_config(None)
+    assert cfg.depth.model == "auto"
+    plan = plan_samples(raw, cfg)
+    assert plan.depth_source == "precomputed"
+    (raw / "depth" / Path(plan.selected[0].key).with_suffix(".png")).unlink()
+    assert plan_samples(raw, cfg).depth_source == DEFAULT_MODEL
+    strict = load_config(None, ["depth.model=precomputed"])
+    assert plan_samples(raw, strict).depth_source == "precomputed"  # explicit: a skip each
+    assert network_name("auto") == network_name("precomputed") == DEFAULT_MODEL  # --reference
+
+
 # ---------------------------------------------------------------------------------------------
 # Skeleton
 

@@ -115,3 +115,19 @@ def test_lr_scheduler_names_match_diffusers():
 def test_bare_no_means_the_string_choice():
     # YAML 1.1 reads `no` as False; `--set train.mixed_precision=no` must still mean "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_cluster_templates_resume_latest_under_accelerate_launch():
+    """The SLURM and HTCondor templates requeue on preemption into train.resume=latest."""
+    from pathlib import Path
+
+    cluster = Path(__file__).resolve().parent.parent / "configs" / "cluster"
+    node = (cluster / "train_node.sh").read_text()
+    assert "accelerate launch" in node and "train.resume=latest" in node
+    slurm = (cluster / "slurm.sbatch").read_text()
+    assert "--requeue" in slurm and "TERM@120" in slurm and "train_node.sh" in slurm
+    condor = (cluster / "htcondor.sub").read_text()
+    assert "checkpoint_exit_code = 85" in condor and "train_node.sh" in condor
+    from controlnet_emo.training.checkpointing import PREEMPTED_EXIT_CODE
+
+    assert PREEMPTED_EXIT_CODE == 85

@@ -233,3 +233,33 @@ def test_a_4x_vae_hint_encoder_exports_and_reads_back(tiny_unet):
     back = convert_controlnet_checkpoint(state, config=dict(net.config))
     ours = net.state_dict()
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_weights_carry_a_sha256_that_matches_and_changes_with_a_weight(tmp_path, tiny_unet):
+    """The hash in the single file's metadata and in the diffusers sidecar is recomputable
+    from the tensors alone, and a changed weight no longer matches it."""
+    from safetensors.torch import load_file, save_file
+
+    from controlnet_emo.export import HASH_KEY, check_weights, load_single_file, weights_sha256
+
+    run, (net,) = make_run(tmp_path / "run", tiny_unet)
+    (path,) = export_run(run)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    assert meta[HASH_KEY] == weights_sha256(state) and len(meta[HASH_KEY]) == 64
+    sidecar = json.loads((run / "controlnet" / SIDECAR).read_text())
+    folder_state = load_file(str(run / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert sidecar["weights_sha256"] == weights_sha256(folder_state)
+    assert_same_tensors(load_single_file(path), net)  # hash checked on load
+
+    key = "control_model.input_hint_block.0.weight"
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1e-3
+    assert weights_sha256(state) != meta[HASH_KEY]
+    with pytest.raises(ExportError, match="do not match their recorded SHA-256"):
+        check_weights(state, meta[HASH_KEY], str(path))
+    tampered = tmp_path / "tampered.safetensors"
+    save_file(state, str(tampered), metadata=meta)  # the old hash, a new weight
+    with pytest.raises(ExportError, match="tampered.safetensors: weights do not match"):
+        load_single_file(tampered)

@@ -316,3 +316,21 @@ def test_tuned_unet_lora_is_loaded(tmp_path, tiny_unet, maps):
     assert info.unet_lora == run / "unet_lora"
     lora = {k: v for k, v in pipe.unet.state_dict().items() if "lora_A" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
+
+
+def test_infer_from_the_single_file_alone(run, maps, tmp_path):
+    """`infer --model controlnet.safetensors --base BASE`: the condition order and the net's
+    config come from the file's metadata; the image equals the run folder's."""
+    (file,) = export_run(run, out=tmp_path / "alone" / "controlnet.safetensors")
+    common = dict(prompt="a photo of a happy face", seed=3, steps=2, device="cpu")
+    (from_file,) = infer(file, maps["flame"], out=tmp_path / "file.png", base="tiny", **common)
+    (from_run,) = infer(run, maps["flame"], out=tmp_path / "run.png", **common)
+    image = np.asarray(Image.open(from_file))
+    assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
+    assert np.array_equal(image, np.asarray(Image.open(from_run)))
+    with pytest.raises(InferenceError, match="no controlnet-emo metadata"):
+        from safetensors.torch import save_file
+
+        bare = tmp_path / "bare.safetensors"
+        save_file({"x": torch.zeros(1)}, str(bare))
+        infer(bare, maps["flame"], out=tmp_path / "bare.png", base="tiny", **common)

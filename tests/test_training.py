@@ -188,6 +188,7 @@ def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):
         sd.tokenizer,
         "{expression}",
         train=True,
+        hflip=False,  # flips: tests/test_caches.py
         latent_moments=moments,
     )
     b_plain = collate([plain[i] for i in range(3)])
@@ -199,7 +200,7 @@ def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
     out = run(tmp_path, prepared, "cached", **{"data.cache_latents": True, "train.max_steps": 2})
-    assert (out / "latent_cache" / "train-64.safetensors").is_file()
+    assert (out / "latent_cache" / "train-64-mirrored.safetensors").is_file()
 
 
 @pytest.mark.parametrize("recipe", ["stableface_best.yaml", "affectnet_fast.yaml"])

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor  # (B,3,H,W) target images in [-1,1]
+    pixel_values: torch.Tensor  # (B,3,H,W) targets in [-1,1]; (B,3,0,0) if unneeded (cache)
     conditions: torch.Tensor  # (B,3N,H,W) condition maps in [0,1], conditions order; dropped = 0
     input_ids: torch.Tensor  # (B,77) CLIP token ids
     expression: torch.Tensor  # (B,) long, 0..7, -1 = unknown
@@ -19,7 +19,11 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in moved.items() if v is not None})
+        # non_blocking: from the loader's pinned memory the copy does not stall the host
+        return replace(
+            self,
+            **{k: v.to(device, non_blocking=True) for k, v in moved.items() if v is not None},
+        )
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]

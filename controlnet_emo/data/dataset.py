@@ -107,6 +107,7 @@ class PreparedDataset(Dataset):
         caption_dropout: float = 0.0,
         hflip: bool = True,
         latent_moments: torch.Tensor | None = None,
+        load_target: bool = True,
     ):
         if not records:
             raise ValueError(f"{root}: no samples for this split")
@@ -114,7 +115,10 @@ class PreparedDataset(Dataset):
         self.resolution, self.tokenizer, self.template = resolution, tokenizer, caption_template
         self.train, self.seed, self.hflip = train, seed, hflip
         self.condition_dropout, self.caption_dropout = condition_dropout, caption_dropout
-        self.latent_moments = latent_moments  # (N,2C,h,w) cached VAE posteriors, or None
+        # (N,O,2C,h,w) cached VAE posteriors, O orientations (plain, mirrored), or None
+        self.latent_moments = latent_moments
+        self.load_target = load_target or latent_moments is None
+        """False: skip decoding the target (cached latents and no pixel terms need none)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -140,10 +144,15 @@ class PreparedDataset(Dataset):
         rec = self.records[i]
         rng = np.random.default_rng([self.seed, key]) if self.train else None
         paths = [rec.file_name, *(rec.maps[c] for c in self.conditions)]
-        images = [load_rgb(self.root / p) for p in paths]
-        # Cached latents were encoded from the centre crop, so the maps must use it too.
-        crop_rng = rng if self.latent_moments is None else None
-        target, *maps = paired_transform(images, self.resolution, crop_rng, self.hflip)
+        images = [load_rgb(self.root / p) for p in paths[1 - self.load_target :]]
+        if self.latent_moments is None:
+            target, *maps = paired_transform(images, self.resolution, rng, self.hflip)
+            orientation = 0
+        else:  # the cache holds the centre crop, plain and mirrored: crop there, flip freely
+            images = paired_transform(images, self.resolution, None)
+            orientation = int(self._draw_flip(rng))
+            images = [im.flip(-1) for im in images] if orientation else images
+            target, *maps = images if self.load_target else [torch.zeros(3, 0, 0), *images]
         keep = torch.ones(len(maps))
         text = self.caption(rec)
         if rng is not None:
@@ -161,7 +170,7 @@ class PreparedDataset(Dataset):
             return_tensors="pt",
         ).input_ids[0]
         sample = {
-            "pixel_values": target * 2 - 1,  # (3,H,W) in [-1,1], per image, fixed range
+            "pixel_values": target * 2 - 1,  # (3,H,W) in [-1,1] per image; (3,0,0) unloaded
             "conditions": conditions,
             "input_ids": ids,
             "expression": rec.expression if 0 <= rec.expression < 8 else -1,
@@ -169,8 +178,13 @@ class PreparedDataset(Dataset):
             "arousal": rec.arousal,
         }
         if self.latent_moments is not None:
-            sample["latent_moments"] = self.latent_moments[i]
+            sample["latent_moments"] = self.latent_moments[i, orientation]  # (2C,h,w)
         return sample
+
+    def _draw_flip(self, rng: np.random.Generator | None) -> bool:
+        """A training flip, when flips are on and the cache has the mirrored moments."""
+        mirrored = self.latent_moments is not None and self.latent_moments.shape[1] > 1
+        return bool(rng is not None and self.hflip and mirrored and rng.random() < 0.5)
 
 
 def dataset_from_config(
@@ -180,6 +194,7 @@ def dataset_from_config(
     *,
     train: bool,
     latent_moments: torch.Tensor | None = None,
+    load_target: bool = True,
 ) -> PreparedDataset:
     """The dataset a run's config describes (training draws augmentations, eval does not)."""
     d = cfg.data
@@ -196,6 +211,7 @@ def dataset_from_config(
         caption_dropout=d.caption_dropout,
         hflip=d.hflip,
         latent_moments=latent_moments,
+        load_target=load_target,
     )
 
 

@@ -1,8 +1,11 @@
 """Encode every training image once: the frozen VAE encoder costs more than the UNet.
 
 The cache keeps each image's posterior moments (mean, std), so the training step still draws
-a fresh posterior sample per step exactly as on-the-fly encoding would. Cached latents fix the
-crop, so ``data.cache_latents`` turns random crops and flips off.
+a fresh posterior sample per step exactly as on-the-fly encoding would. It holds the centre
+crop twice, plain and mirrored (the VAE is not flip-equivariant, so the mirror is encoded, not
+flipped), so horizontal flips stay on; random crops do not: with ``data.cache_latents`` every
+sample (and its maps) is centre-cropped, which for square images at the training resolution
+is no change at all.
 """
 
 from __future__ import annotations
@@ -27,17 +30,31 @@ def encode_moments(
     device: torch.device,
     dtype: torch.dtype,
     show_progress: bool = True,
+    mirrored: bool = True,
 ) -> torch.Tensor:
-    """(N, 2*C, h, w): posterior mean and std of every record, in dataset order."""
+    """(N, O, 2*C, h, w): posterior mean and std of every record, in dataset order, for O
+    orientations: the image, then (``mirrored``) its horizontal mirror."""
     chunks = []
     for start in tqdm(
         range(0, len(dataset), batch_size), desc="cache latents", disable=not show_progress
     ):
         idx = range(start, min(start + batch_size, len(dataset)))
         pixels = collate([dataset[(i, i)] for i in idx]).pixel_values.to(device, dtype)
-        dist = vae.encode(pixels).latent_dist
-        chunks.append(torch.cat([dist.mean, dist.std], dim=1).float().cpu())
+        views = [pixels, pixels.flip(-1)] if mirrored else [pixels]
+        moments = [_moments(vae, v) for v in views]  # each (B,2C,h,w)
+        chunks.append(torch.stack(moments, dim=1).float().cpu())  # (B,O,2C,h,w)
     return torch.cat(chunks)
+
+
+def _moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    dist = vae.encode(pixels).latent_dist
+    return torch.cat([dist.mean, dist.std], dim=1)
+
+
+def cache_path(folder: Path, split: str, resolution: int, mirrored: bool) -> Path:
+    """One file per split, resolution and orientation set (the layout is in the name, so a
+    cache written by an older build is never read as this one)."""
+    return folder / f"{split}-{resolution}-{'mirrored' if mirrored else 'plain'}.safetensors"
 
 
 def load_or_build(path: Path, build) -> torch.Tensor:

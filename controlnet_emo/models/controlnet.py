@@ -45,20 +45,24 @@ def build_controlnet(
     hint = hint_encoder_channels(vae_scale_factor)
     if cfg.model.controlnet.mode == "stacked":
         if init == "from_unet":
-            return ControlNetModel.from_unet(
+            net = ControlNetModel.from_unet(
                 unet,
                 conditioning_embedding_out_channels=hint,
                 conditioning_channels=CHANNELS_PER_CONDITION * n,
             )
+            return _init_hint_out(net, cfg.model.controlnet.hint_init)
         net = ControlNetModel.from_pretrained(init)
         _check_channels(net, CHANNELS_PER_CONDITION * n, init)
         return net
     if init == "from_unet":
         nets = [
-            ControlNetModel.from_unet(
-                unet,
-                conditioning_embedding_out_channels=hint,
-                conditioning_channels=CHANNELS_PER_CONDITION,
+            _init_hint_out(
+                ControlNetModel.from_unet(
+                    unet,
+                    conditioning_embedding_out_channels=hint,
+                    conditioning_channels=CHANNELS_PER_CONDITION,
+                ),
+                cfg.model.controlnet.hint_init,
             )
             for _ in range(n)
         ]
@@ -68,6 +72,17 @@ def build_controlnet(
         for net, folder in zip(nets, folders, strict=False):
             _check_channels(net, CHANNELS_PER_CONDITION, str(folder))
     return MultiControlNetModel(nets)
+
+
+def _init_hint_out(net: ControlNetModel, how: str) -> ControlNetModel:
+    """Give the hint encoder's zero conv PyTorch's default conv init when asked.
+
+    The paper zeroes it, so its gradient is zero until the residual zero convs have grown, and
+    the hint takes hold late ("sudden convergence"). Those zero convs alone already make a new
+    ControlNet leave the base unchanged."""
+    if how == "random":
+        net.controlnet_cond_embedding.conv_out.reset_parameters()
+    return net
 
 
 def _check_channels(net: ControlNetModel, expected: int, source: str) -> None:

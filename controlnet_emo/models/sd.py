@@ -39,7 +39,10 @@ def tiny_sd_folder(cache_dir: str | Path | None = None) -> Path:
     folder = root.expanduser() / "tiny-sd-v1"
     if not (folder / "model_index.json").is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_sd(tmp)
+        # build_tiny_sd seeds the global RNG: a run that builds it first must not start from
+        # another ControlNet init than its resume, which finds it built (exact resume)
+        with torch.random.fork_rng(devices=[]):
+            build_tiny_sd(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its folder is identical

@@ -32,6 +32,7 @@ from ..data.dataset import (
 )
 from ..models.controlnet import build_controlnet
 from ..models.sd import load_sd, vae_scale_factor
+from ..models.text_cache import TextEmbeddingCache
 from ..models.unet_tuning import configure_unet, save_unet
 from . import checkpointing
 from .divergence import DivergedError, non_finite_terms
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config) -> Path:
+    """Train one run into ``cfg.output_dir``. On SIGTERM: finish the optimizer step, write a
+    checkpoint and raise `checkpointing.Preempted` (``train.resume=latest`` continues it
+    exactly); the previous SIGTERM handler is back in place when this returns or raises."""
+    with checkpointing.stop_on_signal() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: checkpointing.StopRequest) -> Path:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -99,6 +108,9 @@ def train(cfg: Config) -> Path:
     )
     bad_streak = bad_total = 0
     while step < cfg.train.max_steps:
+        if stop.requested(accelerator):  # between steps: the state is whole and resumable
+            progress.close()
+            checkpointing.checkpoint_and_stop(accelerator, cfg, step, stop.signum)
         t0 = time.perf_counter()
         totals, grad_norm, bad = optimizer_step(cfg, models, accelerator, train_iter, step, opt)
         step += 1
@@ -108,12 +120,11 @@ def train(cfg: Config) -> Path:
             log.warning("step %d skipped: not finite: %s", step, ", ".join(bad))
         if ema is not None:
             ema.step(accelerator.unwrap_model(controlnet).parameters())
-        record = {k: float(accelerator.reduce(v, "mean")) for k, v in totals.items()}
+        record = host_metrics(totals, grad_norm, accelerator)
         record.update(
             step=step,
             bad_steps=bad_total,
             lr=lr_scheduler.get_last_lr()[0],
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             samples_per_s=cfg.train.total_batch_size / (time.perf_counter() - t0),
         )
         progress.update(1)
@@ -169,10 +180,12 @@ def optimizer_step(
     totals: dict[str, torch.Tensor] = {}
     grad_norm, bad = None, []
     for micro in range(accum):
-        batch = next(train_iter).to(accelerator.device)
+        batch = next(train_iter)
+        text = models.encode_text(batch.input_ids) if models.text_cache is not None else None
+        batch = batch.to(accelerator.device)
         g = step_generator(cfg.seed, step, micro, accelerator.process_index)
         with accelerator.accumulate(*opt.modules):
-            loss, terms = compute_losses(models, batch, cfg, g)
+            loss, terms = compute_losses(models, batch, cfg, g, text)
             accelerator.backward(loss)
             for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / accum
@@ -184,6 +197,19 @@ def optimizer_step(
                     opt.lr_scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
     return totals, grad_norm, bad
+
+
+def host_metrics(
+    totals: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, accelerator: Accelerator
+) -> dict[str, float]:
+    """The step's terms (mean over processes) and grad norm as floats, in one device-to-host
+    copy: a float() per tensor would stall the GPU queue once per term."""
+    names = [*totals, "grad_norm"]
+    norm = grad_norm if grad_norm is not None else torch.tensor(float("nan"))
+    values = [*totals.values(), norm]
+    stacked = torch.stack([torch.as_tensor(v, device=accelerator.device).float() for v in values])
+    stacked = accelerator.reduce(stacked, "mean")
+    return dict(zip(names, stacked.tolist(), strict=True))
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -247,15 +273,36 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
     sd.text_encoder.to(device, dtype=weight_dtype)
     sd.unet.to(device, dtype=torch.float32 if unet_trains else weight_dtype)
     controlnet.to(device)
+    if device.type == "cuda":
+        use_gpu_fast_paths(sd, controlnet)
     pixel = None
     if cfg.loss.needs_decoder:
         from ..losses import PixelLosses
 
         pixel = PixelLosses(cfg, sd.vae).to(device)
+    params = [*controlnet.parameters(), *unet_params]  # before compile wraps the modules
+    if cfg.train.compile:
+        sd.unet = torch.compile(sd.unet, dynamic=False)
+        controlnet = torch.compile(controlnet, dynamic=False)
     models = TrainModels(
-        sd=sd, controlnet=controlnet, pixel_losses=pixel, weight_dtype=weight_dtype
+        sd=sd,
+        controlnet=controlnet,
+        pixel_losses=pixel,
+        weight_dtype=weight_dtype,
+        text_cache=TextEmbeddingCache(sd.text_encoder, weight_dtype)
+        if cfg.data.cache_text
+        else None,
     )
-    return models, [*controlnet.parameters(), *unet_params], unet_trains
+    return models, params, unet_trains
+
+
+def use_gpu_fast_paths(sd, controlnet: torch.nn.Module) -> None:
+    """TF32 matmuls and convolutions, and channels_last for the conv nets: what Ampere and
+    later GPUs run fastest (tensor cores, cuDNN's NHWC kernels); numerics stay fp32-class."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    for module in (sd.unet, sd.vae, controlnet):
+        module.to(memory_format=torch.channels_last)
 
 
 def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
@@ -271,7 +318,9 @@ def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
                 "train.use_8bit_adam needs bitsandbytes: pip install 'controlnet-emo[bnb]'"
             ) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # The fused kernel updates every tensor in one pass (CPU and CUDA): no per-parameter
+    # Python loop, the step diffusers' example pays with the default for-loop AdamW.
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
 def make_ema(cfg: Config, controlnet: torch.nn.Module):
@@ -289,7 +338,12 @@ def make_loader(
     records = records[: cfg.data.max_samples] if cfg.data.max_samples else records
     moments = cached_latents(cfg, models, accelerator, records) if cfg.data.cache_latents else None
     dataset = dataset_from_config(
-        cfg, records, models.sd.tokenizer, train=True, latent_moments=moments
+        cfg,
+        records,
+        models.sd.tokenizer,
+        train=True,
+        latent_moments=moments,
+        load_target=moments is None or cfg.loss.needs_decoder,  # else nothing reads it
     )
     sampler = StreamSampler(
         len(dataset),
@@ -307,6 +361,8 @@ def make_loader(
         collate_fn=collate,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",  # then batch.to() need not wait
+        worker_init_fn=checkpointing.ignore_stop_signals,
     )
 
 
@@ -314,13 +370,10 @@ def cached_latents(
     cfg: Config, models: TrainModels, accelerator: Accelerator, records: list
 ) -> torch.Tensor:
     """VAE posteriors of the (centre-cropped) training images, encoded once by the main process."""
-    from ..data.latent_cache import encode_moments, load_or_build
+    from ..data.latent_cache import cache_path, encode_moments, load_or_build
 
-    path = (
-        Path(cfg.output_dir)
-        / "latent_cache"
-        / f"{cfg.data.train_split}-{cfg.data.resolution}.safetensors"
-    )
+    folder = Path(cfg.output_dir) / "latent_cache"
+    path = cache_path(folder, cfg.data.train_split, cfg.data.resolution, cfg.data.hflip)
     plain = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
 
     def build() -> torch.Tensor:
@@ -331,6 +384,7 @@ def cached_latents(
             accelerator.device,
             models.weight_dtype,
             accelerator.is_main_process,
+            mirrored=cfg.data.hflip,
         )
 
     if accelerator.is_main_process:

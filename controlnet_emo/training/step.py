@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import Config
 from ..data.batch import Batch
 from ..losses import diffusion_loss, diffusion_target
 from ..models.controlnet import controlnet_residuals
 from ..models.sd import SDComponents
+from ..models.text_cache import TextEmbeddingCache
 
 if TYPE_CHECKING:
     from ..losses import PixelLosses
@@ -29,6 +29,25 @@ class TrainModels:
     pixel_losses: PixelLosses | None
     weight_dtype: torch.dtype
     """dtype of the frozen parts (VAE, text encoder, frozen UNet) under mixed precision."""
+    text_cache: TextEmbeddingCache | None = None
+    """Hidden states of captions already seen (``data.cache_text``); None encodes every time."""
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,77) ids -> (B,77,D) frozen text-encoder states, from the cache when there is one."""
+        if self.text_cache is not None:
+            return self.text_cache(input_ids)
+        with torch.no_grad():
+            out = self.sd.text_encoder(input_ids, return_dict=False)[0]
+        return out.to(self.weight_dtype)
+
+
+def host_random(draw, device: torch.device) -> torch.Tensor:
+    """A CPU-generator draw moved to ``device`` without a host sync: pageable host-to-device
+    copies block until the GPU queue drains, pinned ones with ``non_blocking`` do not."""
+    t = draw()
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def encode_latents(
@@ -37,26 +56,37 @@ def encode_latents(
     """Scaled SD latents (B,4,H/8,W/8) with the VAE's own constants; cached moments if any."""
     if batch.latent_moments is not None:
         mean, std = batch.latent_moments.chunk(2, dim=1)
-        latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device)
     else:
         with torch.no_grad():
             dist = sd.vae.encode(batch.pixel_values.to(dtype)).latent_dist
-            latents = dist.sample(generator=generator)
+        mean, std = dist.mean, dist.std
+    # The posterior sample as DiagonalGaussianDistribution.sample draws it (fp32 noise).
+    eps = host_random(lambda: torch.randn(mean.shape, generator=generator), mean.device)
+    latents = mean + std * eps.to(mean.dtype)
     shift = getattr(sd.vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * sd.vae.config.scaling_factor).float()
 
 
 def compute_losses(
-    m: TrainModels, batch: Batch, cfg: Config, generator: torch.Generator
+    m: TrainModels,
+    batch: Batch,
+    cfg: Config,
+    generator: torch.Generator,
+    text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted total loss and every enabled term (unweighted) for one micro-batch."""
-    sd, device, dtype = m.sd, batch.pixel_values.device, m.weight_dtype
+    """Weighted total loss and every enabled term (unweighted) for one micro-batch.
+
+    ``text``: the batch's (B,77,D) text states when the caller already has them (the loop
+    reads the cache with host ids, before the batch moves); else they are computed here.
+    """
+    sd, device, dtype = m.sd, batch.conditions.device, m.weight_dtype
     latents = encode_latents(sd, batch, generator, dtype)  # (B,4,h,w)
-    with torch.no_grad():
-        text = sd.text_encoder(batch.input_ids, return_dict=False)[0].to(dtype)  # (B,77,D)
-    noise = randn_tensor(latents.shape, generator=generator, device=device)
+    text = m.encode_text(batch.input_ids) if text is None else text  # (B,77,D)
+    noise = host_random(lambda: torch.randn(latents.shape, generator=generator), device)
     t_max = sd.scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, t_max, (len(batch),), generator=generator).to(device)
+    timesteps = host_random(
+        lambda: torch.randint(0, t_max, (len(batch),), generator=generator), device
+    )
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
 
     down, mid = controlnet_residuals(

@@ -1,0 +1,196 @@
+"""The GPU benchmark behind ``benchmarks/gpu.sh``: train-step throughput, peak memory and MFU.
+
+Why: GPU time is lent in short slots, so the whole check is one prepared run that fits its
+slot and writes everything as JSON. For each loss variant (``latent_only``, ``fast``,
+``research``; see ``train_step.py``) at 512 px in bf16 with SD 1.5 shapes (random weights,
+built in code: nothing downloads), it times the micro-step at batch 8 and at the largest
+batch that fits (doubling, then bisection, on out-of-memory), eager and under torch.compile,
+and reports samples/s, peak memory and the model FLOPs utilisation against the *counted*
+FLOPs of FACTS.md (not a profiler's count):
+
+    latent_only  2.3 TFLOP per sample (forward + backward, 512 px)
+    research     7.9 TFLOP per sample (VAE decoder + LPIPS-vgg + EmoNet on every sample)
+    fast         2.3 + the decoded share x (TAESD 3 x 0.141 + LPIPS-alex 3 x 0.007
+                 + EmoNet 3 x 0.034) TFLOP
+
+A time budget (``--budget-s``) skips what would not finish, and says so in the JSON.
+``--dry-run`` runs the same code on the CPU with the tiny model at 64 px in fp32 (batch 2,
+the largest-batch search capped at 4, 2 timed steps, compile with the ``eager`` backend:
+dynamo's tracing without code generation). The ``fast`` variant decodes its recipe's fixed
+count per micro-batch (capped by the batch), at every batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import ARCHS, Bench, Variant, random_taesd, variant_config  # noqa: E402
+
+TFLOP_PER_SAMPLE = {"latent_only": 2.3, "research": 7.9}
+FAST_DECODED_TFLOP = 3 * (0.141 + 0.007 + 0.034)
+PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A100": 312.0}  # dense bf16 (FACTS.md, H100)
+
+
+def tflop_per_sample(variant: Variant) -> float:
+    """Counted training FLOPs of one sample at 512 px (FACTS.md)."""
+    if variant.name == "fast":
+        share = (variant.cfg.loss.pixel.samples_per_batch or variant.batch) / variant.batch
+        return TFLOP_PER_SAMPLE["latent_only"] + share * FAST_DECODED_TFLOP
+    return TFLOP_PER_SAMPLE[variant.name.removesuffix("_nockpt")]
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset (None on CPU: see train_step.py)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+
+def fits(bench: Bench, variant: Variant, batch: int) -> bool:
+    """One micro-step at ``batch`` runs without running out of memory."""
+    variant.batch = batch
+    try:
+        bench.micro_step(variant.cfg, variant.losses, batch)
+        sync(bench.device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        bench.optimizer.zero_grad(set_to_none=False)
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(bench: Bench, variant: Variant, start: int, cap: int) -> int:
+    """Largest batch <= cap that fits: double from ``start``, then bisect the last gap."""
+    good, bad = 0, cap + 1
+    b = start
+    while b <= cap and fits(bench, variant, b):
+        good, b = b, b * 2
+    bad = min(bad, b)
+    while bad - good > 1 and good:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(bench, variant, mid) else (good, mid)
+    return good
+
+
+def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float | None) -> dict:
+    """Warm up (compiling, when on), then time ``steps`` micro-steps."""
+    device, variant.batch = bench.device, batch
+    start = time.perf_counter()
+    bench.micro_step(variant.cfg, variant.losses, batch)
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        bench.micro_step(variant.cfg, variant.losses, batch)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    bench.optimizer.zero_grad(set_to_none=False)
+    step_s = statistics.median(times)
+    rate = batch / step_s
+    flops = tflop_per_sample(variant)
+    return dict(
+        samples_per_s=round(rate, 2),
+        step_s=round(step_s, 4),
+        first_step_s=round(warmup_s, 2),
+        peak_mem_mb=None if peak_mb(device) is None else round(peak_mb(device), 1),
+        tflop_per_sample=round(flops, 3),
+        mfu=None if peak is None else round(rate * flops / peak, 4),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64 px, fp32")
+    p.add_argument("--variants", default="latent_only,fast,research")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-batch-cap", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=330.0, help="skip what starts later")
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: by GPU name")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    dry = args.dry_run or not torch.cuda.is_available()
+    device = torch.device("cpu" if dry else "cuda")
+    arch, resolution = ("tiny", 64) if dry else ("sd15", 512)
+    dtype = torch.float32 if dry else torch.bfloat16
+    batch, cap = (2, 4) if dry else (args.batch, args.max_batch_cap)
+    steps = 2 if dry else args.steps
+    backend = "eager" if dry else "inductor"
+    peak = peak_tflops(device, args.peak_tflops)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows, skipped, largest = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        taesd = random_taesd(Path(tmp) / "taesd")
+        bench = Bench(ARCHS[arch](), device, dtype, resolution)
+        variants = [Variant(n, *variant_config(n, batch, taesd)) for n in names]
+        for v in variants:
+            bench.build(v, batch)
+            v.losses.set_checkpointing(v.checkpointing)
+        plan = [(v, c) for c in (False, True) for v in variants]  # eager first: the must-have
+        for v, compiled in plan:
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append(f"{v.name} compile={compiled}: over the time budget")
+                continue
+            bench.set_compiled(compiled, backend)
+            if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
+                largest[v.name] = largest_batch(bench, v, batch, cap)
+            for label, b in {"batch": batch, "largest": largest[v.name]}.items():
+                if b < 1:
+                    skipped.append(f"{v.name} {label}: batch {batch} does not fit")
+                    continue
+                row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
+                row.update(measure(bench, v, b, steps, peak))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = dict(
+        rows=rows,
+        skipped=skipped,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        arch=arch,
+        resolution=resolution,
+        precision=str(dtype).removeprefix("torch."),
+        peak_tflops=peak,
+        dry_run=dry,
+        torch=torch.__version__,
+        wall_s=round(time.perf_counter() - t_start, 1),
+    )
+    text = json.dumps(result)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

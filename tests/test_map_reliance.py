@@ -1,0 +1,46 @@
+"""The probe that tells a ControlNet that follows its maps from one that ignores them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+
+from controlnet_emo.data.dataset import PreparedDataset, collate, read_metadata
+from controlnet_emo.inference import load_pipeline
+from controlnet_emo.map_reliance import map_reliance
+
+from .runs import CONDITIONS, SIZE, make_run
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return load_pipeline(make_run(tmp_path_factory.mktemp("probe") / "run")[0], device="cpu")[0]
+
+
+def _batches(pipe, data, n: int = 4) -> list:
+    records = read_metadata(data, "train", CONDITIONS)[:n]
+    ds = PreparedDataset(
+        data, records, CONDITIONS, SIZE, pipe.tokenizer, "a {expression} face", train=False
+    )
+    return [collate([ds[i] for i in range(0, 2)]), collate([ds[i] for i in range(2, n)])]
+
+
+def test_a_new_controlnet_ignores_its_maps_exactly(pipe, prepared):
+    """Fresh from the UNet, the zero convs keep the maps out: every ratio is exactly 1."""
+    trained = pipe.controlnet
+    pipe.controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_channels=9)
+    try:
+        r = map_reliance(pipe, _batches(pipe, prepared))
+    finally:
+        pipe.controlnet = trained
+    assert r["own"] > 0
+    assert r["shuffled_over_own"] == 1.0 and r["none_over_own"] == 1.0
+
+
+def test_a_controlnet_that_reads_its_maps_moves_the_ratio_and_repeats(pipe, prepared):
+    batches = _batches(pipe, prepared)
+    r = map_reliance(pipe, batches)
+    assert r["shuffled_over_own"] != 1.0 and r["none"] != r["own"]
+    assert map_reliance(pipe, batches) == r  # seeded noise: the same figure every time
+    assert torch.isfinite(torch.tensor([r["own"], r["shuffled"], r["none"]])).all()

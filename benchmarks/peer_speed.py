@@ -81,13 +81,14 @@ import sys, json
 from datasets import Dataset, Features, Image, Value
 root, out = sys.argv[1], sys.argv[2]
 rows = [json.loads(x) for x in open(root + "/metadata.jsonl")]
+def png(name):  # the bytes themselves, so the parquet file stands alone
+    return {"bytes": open(root + "/" + name, "rb").read(), "path": None}
 ds = Dataset.from_dict(
-    {"image": [root + "/" + r["file_name"] for r in rows],
-     "conditioning_image": [root + "/" + r["flame_file_name"] for r in rows],
+    {"image": [png(r["file_name"]) for r in rows],
+     "conditioning_image": [png(r["flame_file_name"]) for r in rows],
      "text": [r["text"] for r in rows]},
     features=Features(image=Image(), conditioning_image=Image(), text=Value("string")),
 )
-ds = ds.map(lambda r: r, features=ds.features)  # embeds the image bytes
 import os; os.makedirs(out, exist_ok=True)
 ds.to_parquet(out + "/train.parquet")
 """

@@ -96,7 +96,7 @@ class DepthConditioner:
                 source, local_files_only=local_only
             )
         except OSError as err:
-            raise DepthModelError(_missing_message(model, err)) from None
+            raise DepthModelError(missing_model_message(model, err)) from None
         self.model.to(self.device).eval()
         self.kind = _output_kind(self.model.config)
         # ZoeDepth's post-processing must be told the input size to strip its own padding
@@ -163,7 +163,9 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _missing_message(model: str, err: Exception) -> str:
+def missing_model_message(model: str, err: Exception | str | None = None) -> str:
+    """What to do about depth weights an offline run cannot read (the loader and
+    ``controlnet-emo doctor`` say the same)."""
     if Path(model).exists() or model == "tiny":
         return f"depth model folder {model!r} could not be loaded: {err}"
     from huggingface_hub import constants

@@ -22,6 +22,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from conditioners.codes import (
+    CodesError,
+    camera_for,
+    canvas_crop_box,
+    class_means,
+    read_codes,
+    render_codes,
+)
 from conditioners.depth import (
     AUTO,
     DEFAULT_MODEL,
@@ -30,7 +38,8 @@ from conditioners.depth import (
     PrecomputedDepth,
     to_png_values,
 )
-from conditioners.flame import FlameConditioner
+from conditioners.flame import FlameConditioner, emoca_crop_box, emoca_landmark_box
+from conditioners.flame_model import FLAME_URL, FlameModel, FlameModelError
 from conditioners.io import (
     ImageError,
     append_jsonl,
@@ -62,6 +71,8 @@ logger = logging.getLogger(__name__)
 # metadata column -> output folder: the columns the training loader reads (CONDITION_KEYS).
 OUTPUTS = {"file_name": "images", **{col: name for name, col in CONDITION_KEYS.items()}}
 PROGRESS = ".progress"
+EXPRESSION_CODES = "expression_codes.npz"  # per-class mean FLAME expression + jaw codes
+FLAME_MODEL_NAMES = ("flame_model.npz", "flame_model.pkl")  # looked for in RAW/ (synth --codes)
 
 
 class PrepareError(ValueError):
@@ -85,6 +96,7 @@ class Maps:
     skeleton: np.ndarray  # (H, W, 3) uint8
     landmarks: np.ndarray  # (68, 2) the skeleton's points, target-image pixels
     info: dict[str, Any] = field(default_factory=dict)
+    flame_depth: np.ndarray | None = None  # (H, W) the FLAME render's z-buffer (codes only)
 
 
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, cfg: Config) -> dict:
@@ -129,6 +141,9 @@ class Plan:
     not_selected: int
     depth_source: str = PRECOMPUTED
     """What makes the depth maps: 'precomputed' or the model ``depth.model`` resolved to."""
+    flame_source: str = "render"
+    """'render' (EMOCA's render re-canvased) or 'codes' (RAW/codes/ rendered on the canvas)."""
+    flame_model: str | None = None
 
 
 def plan_samples(raw_dir: Path, cfg: Config) -> Plan:
@@ -139,7 +154,47 @@ def plan_samples(raw_dir: Path, cfg: Config) -> Plan:
     selected, duplicates = _unique_outputs(chosen)
     index.skipped.extend(duplicates)
     depth = resolve_depth_source(cfg.depth.model, Path(raw_dir), selected)
-    return Plan(Path(raw_dir), index, selected, len(index.samples) - len(chosen), depth)
+    flame_source, flame_model = resolve_flame_source(cfg, Path(raw_dir), selected)
+    return Plan(
+        Path(raw_dir), index, selected, len(index.samples) - len(chosen), depth,
+        flame_source, flame_model,
+    )  # fmt: skip
+
+
+def codes_folder(raw_dir: Path, key: str) -> Path:
+    """``0/abc.jpg`` -> ``RAW/codes/0/abc/`` (EMOCA's --save_codes layout)."""
+    return raw_dir / "codes" / Path(key).with_suffix("")
+
+
+def resolve_flame_source(
+    cfg: Config, raw_dir: Path, selected: list[RawSample]
+) -> tuple[str, str | None]:
+    """``flame.source: auto`` -> 'codes' when RAW/codes/ holds every selected sample's codes
+    and a FLAME model is known (``flame.model``, else RAW/flame_model.npz|pkl), else
+    'render'. Decided once for the whole job, like the depth source."""
+    model = cfg.flame.model or next(
+        (str(raw_dir / n) for n in FLAME_MODEL_NAMES if (raw_dir / n).is_file()), None
+    )
+    source = cfg.flame.source
+    if source == "auto":
+        have = (raw_dir / "codes").is_dir() and all(
+            (codes_folder(raw_dir, s.key) / "shape.npy").is_file() for s in selected
+        )
+        source = "codes" if have and model else "render"
+        if (raw_dir / "codes").is_dir() and source == "render":
+            logger.info(
+                "flame.source=auto: rendering from EMOCA's renders (%s)",
+                "no FLAME model: set flame.model" if have else "some samples have no codes",
+            )
+    if source == "codes" and model is None:
+        raise PrepareError(
+            f"flame.source=codes needs a FLAME model: --set flame.model=FILE "
+            f"(FLAME models come from {FLAME_URL}, registration required)"
+        )
+    if cfg.depth.model == "flame" and source != "codes":
+        raise PrepareError("depth.model=flame draws depth from the FLAME codes: it needs "
+                           "flame.source codes (RAW/codes/ and a FLAME model)")  # fmt: skip
+    return source, model if source == "codes" else cfg.flame.model
 
 
 def resolve_depth_source(model: str, raw_dir: Path, selected: list[RawSample]) -> str:
@@ -172,7 +227,11 @@ def prepare_shard(
 ) -> dict[str, Any]:
     """Prepare every ``world``-th selected sample starting at ``rank``; keep its own shard files."""
     shard_name = f"shard-{rank:05d}"
-    cfg = replace(cfg, depth=replace(cfg.depth, model=plan.depth_source))
+    cfg = replace(
+        cfg,
+        depth=replace(cfg.depth, model=plan.depth_source),
+        flame=replace(cfg.flame, source=plan.flame_source, model=plan.flame_model),
+    )
     job = PrepareJob(plan.raw_dir, Path(out_dir), cfg, device, shard_name)
     summary = job.run(plan.selected[rank::world], show_progress=show_progress)
     write_json(Path(out_dir) / PROGRESS / f"{shard_name}.run.json", summary)
@@ -194,6 +253,7 @@ def merge_shards(
         resumed += run["resumed"]
         skipped.extend(Skip(s["file"], s["reason"], s["detail"]) for s in run["skipped"])
     report = _report(plan, records, skipped, resumed, world, cfg)
+    report["expression_codes"] = write_expression_codes(plan.raw_dir, out_dir, records)
     if started is not None:
         report["seconds"] = round(time.time() - started, 2)
     write_json(out_dir / "prepare_report.json", report)
@@ -217,6 +277,12 @@ class PrepareJob:
             cfg.skeleton.source, device=device, min_score=cfg.skeleton.min_score
         )
         self.depth = make_depth_source(cfg, raw_dir, device)
+        self.flame_model = None
+        if cfg.flame.source == "codes":
+            try:
+                self.flame_model = FlameModel.from_file(cfg.flame.model).to(device)
+            except FlameModelError as err:
+                raise PrepareError(str(err)) from None
         self.progress = out_dir / PROGRESS / f"{shard_name}.jsonl"
         cfg.data.caption_template.format(expression="x", valence=0.0, arousal=0.0)  # fail fast
 
@@ -250,15 +316,16 @@ class PrepareJob:
         image, scale = resize_longest(image, self.cfg.prepare.max_size)
         box = tuple(v * scale for v in sample.box) if sample.box is not None else None
         landmarks = sample.landmarks * scale if sample.landmarks is not None else None
-        flame, placement = self._flame(sample, image, box, landmarks)
+        draw = self._flame_from_codes if self.flame_model is not None else self._flame
+        flame, method, score, flame_depth = draw(sample, image, box, landmarks)
         skeleton, points, landmark_source = self._skeleton(image, landmarks, box)
         info = {
             "converted": converted,
-            "flame_method": placement.method,
-            "flame_match": round(placement.score, 4),
+            "flame_method": method,
+            "flame_match": round(score, 4),
             "landmarks": landmark_source,
         }
-        return Maps(sample, image, flame, skeleton, points, info)
+        return Maps(sample, image, flame, skeleton, points, info, flame_depth)
 
     def _flame(self, sample: RawSample, image: np.ndarray, box: tuple | None, landmarks):
         crop, _ = _load(sample.sibling(self.raw_dir / "inputs"), "emoca_crop")
@@ -272,7 +339,39 @@ class PrepareJob:
                 "flame_low_match",
                 f"best match {placement.score:.3f} ({placement.method}) < {self.cfg.flame.min_match}",
             )
-        return placement.canvas, placement
+        return placement.canvas, placement.method, placement.score, None
+
+    def _flame_from_codes(self, sample: RawSample, image: np.ndarray, box, landmarks):
+        """The sample's codes drawn on its canvas through EMOCA's crop (box, else landmarks,
+        else the centred square) and camera (cam.npy, else fitted to EMOCA's render)."""
+        folder = codes_folder(self.raw_dir, sample.key)
+        if not (folder / "shape.npy").is_file():
+            raise SampleSkip("missing_codes", str(folder))
+        try:
+            codes = read_codes(folder)
+            crop = None
+            if codes.cam is None:
+                crop = load_render(sample.sibling(self.raw_dir / "geometry_detail"))
+            fit = camera_for(self.flame_model, codes, None, crop)
+        except CodesError as err:
+            raise SampleSkip("bad_codes", str(err)) from None
+        except ImageError as err:
+            raise SampleSkip(_reason(err.reason, "flame_render"), err.detail) from None
+        if fit.score < self.cfg.flame.min_match:
+            raise SampleSkip(
+                "flame_low_match",
+                f"camera fit {fit.score:.3f} ({fit.method}) < {self.cfg.flame.min_match}",
+            )
+        height, width = image.shape[:2]
+        scale = self.cfg.flame.crop_scale
+        if box is not None:
+            crop_box = emoca_crop_box(box, scale)
+        elif landmarks is not None:
+            crop_box = emoca_landmark_box(landmarks, scale)
+        else:
+            crop_box = canvas_crop_box(None, (width, height), scale)
+        render = render_codes(self.flame_model, codes, fit.cam, crop_box, (width, height))
+        return render.image_uint8(), f"codes:{fit.method}", fit.score, render.depth_float()
 
     def _skeleton(self, image: np.ndarray, landmarks: np.ndarray | None, box: tuple | None):
         source = "fan" if landmarks is None or self.cfg.skeleton.source == "fan" else "annotations"
@@ -363,7 +462,22 @@ class FileDepth:
             return SampleSkip("corrupt_depth", err.detail)
 
 
-DEPTH_SOURCES = {PRECOMPUTED: lambda cfg, raw_dir, device: FileDepth(raw_dir)}
+class FlameDepth:
+    """``depth.model: flame``: the z-buffer of the sample's own FLAME render (near = bright)."""
+
+    batch_size = 1
+
+    def __call__(self, batch: list[Maps]) -> list[np.ndarray | SampleSkip]:
+        return [
+            m.flame_depth if m.flame_depth is not None else SampleSkip("missing_flame_depth")
+            for m in batch
+        ]
+
+
+DEPTH_SOURCES = {
+    PRECOMPUTED: lambda cfg, raw_dir, device: FileDepth(raw_dir),
+    "flame": lambda cfg, raw_dir, device: FlameDepth(),
+}
 
 
 def make_depth_source(cfg: Config, raw_dir: Path, device: str):
@@ -435,11 +549,39 @@ def _report(
             "threshold": cfg.flame.min_match,
         },
         "landmarks": dict(Counter(i.get("landmarks") for i in infos if i)),
+        "flame_source": plan.flame_source,
         "depth_model": cfg.depth.model,
         "depth_source": plan.depth_source,
         "processes": num_processes,
         "skipped_files": [s.to_dict() for s in sorted(skipped, key=lambda s: (s.reason, s.key))],
     }
+
+
+def write_expression_codes(
+    raw_dir: Path, out_dir: Path, records: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """From the training split's codes (RAW/codes/), each class's mean expression and jaw
+    codes -> ``expression_codes.npz`` (what ``edit`` moves a face towards); None without codes.
+    """
+    if not (raw_dir / "codes").is_dir():
+        return None
+    codes, labels = [], []
+    for r in records:
+        folder = codes_folder(raw_dir, r["source"])
+        if r["split"] != "train" or not (folder / "shape.npy").is_file():
+            continue
+        try:
+            codes.append(read_codes(folder))
+        except CodesError as err:
+            logger.warning("%s: left out of %s (%s)", r["source"], EXPRESSION_CODES, err)
+            continue
+        labels.append(int(r["expression"]))
+    if not codes:
+        return None
+    means = class_means(codes, labels)
+    means.save(out_dir / EXPRESSION_CODES)
+    per_class = {name: int(n) for name, n in zip(EXPRESSIONS, means.count, strict=True)}
+    return {"file": EXPRESSION_CODES, "faces": len(codes), "per_class": per_class}
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

@@ -143,16 +143,10 @@ def load_fan(device: str | None = None, flip_input: bool = False, **kwargs: Any)
     """
     import face_alignment
     import torch
-    from face_alignment.api import models_urls
 
-    url = models_urls["2DFAN-" + str(int(face_alignment.NetworkSize.LARGE))]
-    checkpoint = fan_checkpoint_path(url)
+    checkpoint, _ = fan_checkpoint()
     if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"face-alignment weights not found: {checkpoint}. Download {url} and place it "
-            "there (the folder is $TORCH_HOME/hub/checkpoints), or give landmarks in the "
-            "annotations and use skeleton.source=annotations."
-        )
+        raise FileNotFoundError(missing_fan_message())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {"face_detector": "folder", "flip_input": flip_input}
     if "compile" in inspect.signature(face_alignment.FaceAlignment).parameters:
@@ -160,6 +154,25 @@ def load_fan(device: str | None = None, flip_input: bool = False, **kwargs: Any)
     options.update(kwargs)
     return face_alignment.FaceAlignment(
         face_alignment.LandmarksType.TWO_D, device=device, **options
+    )
+
+
+def fan_checkpoint() -> tuple[Path, str]:
+    """The 2D FAN file ``load_fan`` reads, and the URL it comes from."""
+    import face_alignment
+    from face_alignment.api import models_urls
+
+    url = models_urls["2DFAN-" + str(int(face_alignment.NetworkSize.LARGE))]
+    return fan_checkpoint_path(url), url
+
+
+def missing_fan_message() -> str:
+    """Where the FAN file goes (the loader and ``controlnet-emo doctor`` say the same)."""
+    checkpoint, url = fan_checkpoint()
+    return (
+        f"face-alignment weights not found: {checkpoint}. Download {url} and place it "
+        "there (the folder is $TORCH_HOME/hub/checkpoints), or give landmarks in the "
+        "annotations and use skeleton.source=annotations."
     )
 
 

@@ -40,7 +40,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n {args.n}: need at least 1 face")
     if args.resolution < 32:
         raise ConfigError(f"--resolution {args.resolution}: need at least 32 px")
-    write_raw_dataset(args.out_dir, n=args.n, resolution=args.resolution, seed=args.seed)
+    write_raw_dataset(
+        args.out_dir,
+        n=args.n,
+        resolution=args.resolution,
+        seed=args.seed,
+        codes=args.codes or args.codes_cam,
+        codes_camera=args.codes_cam,
+    )
     print(f"wrote {args.n} synthetic faces to {args.out_dir}")
     return 0
 
@@ -160,6 +167,13 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
     model_dir = train_critic(load_critic_config(args.config, args.overrides))
     print(f"critic written to {model_dir} (see critic_report.json)")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Preflight of a run config (controlnet_emo/doctor.py): 0 when it would start, else 1."""
+    from .doctor import run_doctor
+
+    return run_doctor(config_from_args(args), args)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -365,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--codes",
+        action="store_true",
+        help="also EMOCA-style FLAME codes (codes/) of a synthetic FLAME-format model "
+        "(flame_model.npz); geometry_detail/ is then their render",
+    )
+    p.add_argument("--codes-cam", action="store_true", help="--codes, with cam.npy written too")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="raw data -> condition maps -> prepared dataset")
@@ -393,8 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_train_critic)
 
+    from .doctor import add_doctor_arguments
+
+    p = sub.add_parser("doctor", help="preflight: would this run start? (weights, data, disk)")
+    add_config_arguments(p, required=True)
+    add_doctor_arguments(p)
+    p.set_defaults(func=cmd_doctor)
+
     # These stages register their own arguments beside the code that reads them.
     from .export import add_export_arguments, run_export
+    from .flame_edit import add_edit_arguments, add_render_arguments, run_edit, run_render
 
     stages = {
         "infer": ("faces from FLAME renders (+ depth, skeleton)", add_infer_arguments, run_infer),
@@ -407,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
             "emotion and geometry faithfulness of a run's faces",
             add_evaluate_arguments,
             run_evaluate,
+        ),
+        "render": ("EMOCA's FLAME codes -> render (+ depth)", add_render_arguments, run_render),
+        "edit": (
+            "move a face's FLAME expression towards a class, render and generate",
+            add_edit_arguments,
+            run_edit,
         ),
     }
     for name, (help_text, add_arguments, handler) in stages.items():

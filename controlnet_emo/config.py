@@ -91,6 +91,9 @@ class DiffusionLossConfig:
     weight: float = 0.92
     kind: Literal["l1", "l2"] = "l1"
     snr_gamma: float | None = 0.8
+    timesteps: Literal["uniform", "cubic"] = "uniform"
+    """cubic draws t = (1 - u^3) T, favouring high noise, where the layout is decided and a
+    ControlNet's maps matter most (T2I-Adapter's schedule; diffusers' adapter trainer too)."""
 
 
 @dataclass
@@ -190,8 +193,16 @@ class PrepareConfig:
 
 @dataclass
 class FlameConfig:
+    source: Literal["auto", "render", "codes"] = "auto"
+    """render: EMOCA's geometry_detail/ render re-canvased; codes: RAW/codes/ rendered with
+    flame.model straight on the original canvas; auto: codes when RAW/codes/ has every
+    selected sample's codes and a FLAME model is known, else render."""
+    model: str | None = None
+    """FLAME model file (.pkl / .npz, licence-gated: https://flame.is.tue.mpg.de); null:
+    RAW/flame_model.npz or .pkl when there (``synth --codes`` writes the synthetic one)."""
     min_match: float = 0.8
-    """Below this normalised match score a re-canvased render is a reported skip."""
+    """Below this match score (re-canvas correlation, or the camera fit's silhouette IoU for
+    codes without cam.npy) a sample is a reported skip."""
     crop_scale: float = 1.25
     """EMOCA's crop rule: square side = crop_scale x the longer side of the face box."""
     box_threshold: float = 0.8
@@ -203,7 +214,8 @@ class DepthConfig:
     model: str = "auto"
     """auto: the maps under RAW/depth/ when every selected sample has one, else ZoeDepth
     (Intel/zoedepth-nyu-kitti); 'precomputed' (RAW/depth/ only; a missing map is a skip);
-    'tiny'; or the hub id / local folder of any AutoModelForDepthEstimation."""
+    'tiny'; 'flame' (the z-buffer of the FLAME render, flame.source codes); or the hub id /
+    local folder of any AutoModelForDepthEstimation."""
     batch_size: int = 8
     bits: Literal[8, 16] = 16
     input_size: int = 512

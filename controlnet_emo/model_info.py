@@ -92,7 +92,7 @@ class ModelInfo:
             unet_trainable=cfg.model.unet_trainable,
             loss_weights=cfg.loss.weights(),
             depth_model=DEFAULT_DEPTH_MODEL
-            if cfg.depth.model == "precomputed"
+            if cfg.depth.model in ("precomputed", "flame")  # maps made beside, not a network
             else cfg.depth.model,
         )
 

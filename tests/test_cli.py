@@ -104,6 +104,8 @@ def test_train_entry_point_is_the_train_subcommand(tmp_path):
         "demo",
         "pretrain-base",
         "train-critic",
+        "render",
+        "edit",
     ],
 )
 def test_every_subcommand_has_help(command, capsys):
@@ -147,3 +149,12 @@ def test_synth_then_prepare_works_with_the_default_config(tmp_path, capsys):
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["depth_source"] == "precomputed" and report["depth_model"] == "auto"
     assert report["prepared"] == 4
+
+
+def test_synth_codes_then_prepare_renders_the_flame_maps_from_the_codes(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    assert main(["synth", str(raw), "--n", "4", "--resolution", "96", "--codes-cam"]) == 0
+    assert (raw / "flame_model.npz").is_file() and (raw / "codes/0/synth_00000/cam.npy").is_file()
+    assert main(["prepare", str(raw), str(out)]) == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["flame_source"] == "codes" and report["flame_method"] == {"codes:cam.npy": 4}

@@ -370,3 +370,15 @@ def test_fast_recipe_parses_with_its_cost_choices():
     assert cfg.loss.pixel.max_timestep < 1000 and cfg.loss.pixel.samples_per_batch
     assert cfg.train.mixed_precision == "bf16"
     assert cfg.loss.needs_decoder
+
+
+def test_cubic_timesteps_favour_high_noise_and_stay_in_range():
+    from controlnet_emo.training.step import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, "uniform", g)
+    cubic = sample_timesteps(20000, 1000, "cubic", g)
+    assert int(cubic.min()) >= 0 and int(cubic.max()) <= 999
+    # t >= 500 exactly when u**3 <= 0.5: a probability of 0.5 ** (1/3) = 0.79.
+    assert abs(float((cubic >= 500).float().mean()) - 0.5 ** (1 / 3)) < 0.02
+    assert abs(float((uniform >= 500).float().mean()) - 0.5) < 0.02

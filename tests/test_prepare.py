@@ -352,3 +352,45 @@ def test_shards_split_the_work_and_merge_to_the_single_process_result(synth_raw,
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == N_SYNTH // 2
     assert report["processes"] == 2 and report["prepared"] == N_SYNTH
     assert metadata(out) == metadata(tmp_path / "single")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLAME codes: rendered on the original canvas, class means for `edit`
+
+
+def test_prepare_from_codes_renders_the_maps_and_writes_class_means(tmp_path):
+    from conditioners.codes import ExpressionMeans, read_codes
+
+    raw = write_raw_dataset(tmp_path / "raw", 8, resolution=96, codes=True)  # no cam.npy
+    out = tmp_path / "out"
+    report = prepare_dataset(raw, out, config("depth.model=flame"))  # flame.source: auto
+    assert report["prepared"] == 8 and report["flame_source"] == "codes"
+    assert report["flame_method"] == {"codes:silhouette": 8}  # the camera was fitted
+    assert report["flame_match"]["min"] > 0.95 and report["depth_source"] == "flame"
+    rows = metadata(out)
+    for row in rows:
+        flame = cv2.imread(str(out / row["flame_file_name"]), cv2.IMREAD_UNCHANGED)
+        depth = cv2.imread(str(out / row["depth_file_name"]), cv2.IMREAD_UNCHANGED)
+        assert flame.shape == (96, 96, 3) and depth.dtype == np.uint16
+        face = flame.max(-1) > 0
+        assert 0.05 < face.mean() < 0.6  # a face-sized render, not the crop's
+        assert ((depth > 0) == face).mean() > 0.98  # depth from the same mesh
+    means = ExpressionMeans.load(out / "expression_codes.npz")
+    train = [r for r in rows if r["split"] == "train"]
+    assert report["expression_codes"]["faces"] == len(train) == int(means.count.sum())
+    first = train[0]
+    codes = read_codes(raw / "codes" / Path(first["source"]).with_suffix(""))
+    assert means.count[first["expression"]] == 1  # 8 faces, one per class
+    np.testing.assert_allclose(means.exp[first["expression"]], codes.exp, rtol=1e-6)
+    np.testing.assert_allclose(means.jaw[first["expression"]], codes.pose[3:], rtol=1e-6)
+
+
+def test_codes_without_a_flame_model_fall_back_to_the_render_or_stop(tmp_path):
+    raw = write_raw_dataset(tmp_path / "raw", 2, resolution=96, codes=True)
+    (raw / "flame_model.npz").unlink()
+    plan = plan_samples(raw, config())
+    assert plan.flame_source == "render"
+    with pytest.raises(PrepareError, match="flame.source=codes needs a FLAME model"):
+        plan_samples(raw, config("flame.source=codes"))
+    with pytest.raises(PrepareError, match="depth.model=flame"):
+        plan_samples(raw, config("depth.model=flame"))

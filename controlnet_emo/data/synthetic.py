@@ -32,6 +32,7 @@ from controlnet_emo.data.face_template import (
     expression_weights,
     relief_maps,
 )
+from controlnet_emo.data.synthetic_flame import SyntheticCodes
 
 from ..labels import EXPRESSION_WORDS, EXPRESSIONS
 
@@ -383,17 +384,27 @@ def caption(p: FaceParams) -> str:
 
 
 def write_raw_dataset(
-    out_dir: str | Path, n: int, resolution: int = 256, seed: int = 0, sub_dirs: int = 2
+    out_dir: str | Path,
+    n: int,
+    resolution: int = 256,
+    seed: int = 0,
+    sub_dirs: int = 2,
+    codes: bool = False,
+    codes_camera: bool = False,
 ) -> Path:
     """Write `n` synthetic faces in the raw AffectNet + EMOCA layout (see DESIGN.md).
 
     Classes cycle 0..7 so the set is balanced; face i draws from `default_rng([seed, i])`, so
     the same seed gives byte-identical files and any face can be regenerated on its own.
     `synth_truth.jsonl` keeps the params and boxes so tests can check alignment against truth.
+    ``codes``: also EMOCA-style FLAME codes (``codes/<sub>/<stem>/``) of a synthetic
+    FLAME-format model (``flame_model.npz``), with ``geometry_detail/`` their render, as
+    EMOCA's is; ``codes_camera`` adds ``cam.npy`` (EMOCA itself does not save it).
     """
     out = Path(out_dir)
     per_sub = max(1, math.ceil(n / max(1, sub_dirs)))
     out.mkdir(parents=True, exist_ok=True)
+    flame = SyntheticCodes(out, camera=codes_camera) if codes else None
     with (
         open(out / "annotations.csv", "w", newline="") as f_csv,
         open(out / "captions.jsonl", "w") as f_cap,
@@ -412,6 +423,9 @@ def write_raw_dataset(
             crop = crop_to_emoca(face.image, face.face_box)
             Image.fromarray(crop).save(out / "inputs" / sub / f"{stem}.png", compress_level=1)
             geometry = crop_to_emoca(face.render, face.face_box)
+            if flame is not None:
+                geometry = flame.write(out / "codes" / sub / stem, p.expression, p.yaw, p.roll,
+                                       face.face_box, np.random.default_rng([seed, i, 1]))  # fmt: skip
             Image.fromarray(geometry).save(
                 out / "geometry_detail" / sub / f"{stem}.png", compress_level=1
             )

@@ -265,3 +265,63 @@ def face_codes(
         "tex": np.zeros(50, np.float32),
         "detail": np.zeros(128, np.float32),
     }
+
+
+def synthetic_camera(
+    vertices: np.ndarray, face_box: tuple[float, float, float, float], crop_scale: float = 1.25
+) -> np.ndarray:
+    """(s, tx, ty) that lays the posed (V, 3) mesh over a face box in EMOCA's crop frame.
+
+    The crop is the box's centred square of side ``crop_scale`` x its longer side, so in crop
+    coordinates the box spans +-w/side by +-h/side. The head is drawn a little taller than
+    the box (which starts at the forehead) with its chin on the box's bottom edge.
+    """
+    _, _, w, h = face_box
+    side = crop_scale * max(w, h)
+    lo, hi = vertices[:, :2].min(0), vertices[:, :2].max(0)
+    s = 2 * h / side * 1.15 / float(hi[1] - lo[1])
+    tx = -float(lo[0] + hi[0]) / 2
+    ty = -h / (side * s) - float(lo[1])
+    return np.array([s, tx, ty], np.float32)
+
+
+def write_codes(folder: str | Path, codes: dict[str, np.ndarray], cam: np.ndarray | None) -> None:
+    """EMOCA's ``--save_codes`` layout: one (1, n) ``.npy`` per code (+ ``cam.npy`` if given)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in codes.items():
+        np.save(folder / f"{name}.npy", np.asarray(value, np.float32)[None])
+    if cam is not None:
+        np.save(folder / "cam.npy", np.asarray(cam, np.float32)[None])
+
+
+FLAME_MODEL_FILE = "flame_model.npz"  # where `synth --codes` puts the synthetic model
+
+
+class SyntheticCodes:
+    """`synth --codes`: the synthetic model once (``RAW/flame_model.npz``), then per face its
+    EMOCA-layout codes and, as EMOCA's ``geometry_detail/``, the crop-frame render of them."""
+
+    def __init__(self, raw: str | Path, camera: bool = False, crop_size: int = 224) -> None:
+        from conditioners.flame_model import FlameModel
+
+        self.model = FlameModel.from_file(write_synthetic_flame(Path(raw) / FLAME_MODEL_FILE))
+        self.camera, self.crop_size = camera, crop_size
+
+    def write(self, folder: str | Path, expression: int, yaw: float, roll: float,
+              face_box: tuple, rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+        """Write one face's codes (``cam.npy`` only if ``camera``); return its (S, S, 3) render."""
+        import torch
+
+        from conditioners.render import crop_frame_box, render_mesh
+
+        codes = face_codes(expression, yaw, roll, rng)
+        tensors = [torch.from_numpy(codes[k])[None] for k in ("shape", "exp", "pose")]
+        with torch.no_grad():
+            verts = self.model(*tensors).vertices
+        cam = synthetic_camera(verts[0].numpy(), face_box)
+        write_codes(folder, codes, cam if self.camera else None)
+        size = self.crop_size
+        render = render_mesh(verts, self.model.faces, torch.from_numpy(cam)[None],
+                             torch.tensor([crop_frame_box(size)]), (size, size))  # fmt: skip
+        return render.image_uint8()

@@ -66,12 +66,18 @@ def build_controlnet(
             )
             for _ in range(n)
         ]
-    else:  # diffusers' multi layout: init/, init_1/, init_2/ ...
-        folders = [Path(init)] + [Path(f"{init}_{i}") for i in range(1, n)]
+    else:
+        folders = init_folders(init, n)
         nets = [ControlNetModel.from_pretrained(f) for f in folders]
         for net, folder in zip(nets, folders, strict=False):
             _check_channels(net, CHANNELS_PER_CONDITION, str(folder))
     return MultiControlNetModel(nets)
+
+
+def init_folders(init: str, n: int) -> list[Path]:
+    """The folders ``controlnet.init`` names for ``n`` multi-mode nets, diffusers' layout:
+    init/, init_1/, init_2/ ... (the loader and ``controlnet-emo doctor`` read the same)."""
+    return [Path(init)] + [Path(f"{init}_{i}") for i in range(1, n)]
 
 
 def _init_hint_out(net: ControlNetModel, how: str) -> ControlNetModel:

@@ -42,6 +42,17 @@ def lpips_backbone_file(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
+def missing_lpips_message(net: str) -> str:
+    """Where the LPIPS trunk comes from (the loader and ``controlnet-emo doctor`` say it)."""
+    path, url = lpips_backbone_file(net), _backbone_weights(net).url
+    return (
+        f"LPIPS-{net} needs its torchvision trunk {path.name}, which is not in "
+        f"torchvision's cache ({path.parent}). Fetch it on a machine with network "
+        f"({url}) and put it at {path} (set TORCH_HOME to move the cache), or set "
+        f"model.lpips_backbone to the file's path."
+    )
+
+
 def load_lpips(net: str, backbone: str):
     """LPIPS (``lpips`` package) with its trunk from torchvision's cache, a file, or random.
 
@@ -55,13 +66,7 @@ def load_lpips(net: str, backbone: str):
     if backbone == "pretrained":
         path = lpips_backbone_file(net)
         if not path.is_file():
-            url = _backbone_weights(net).url
-            raise FileNotFoundError(
-                f"LPIPS-{net} needs its torchvision trunk {path.name}, which is not in "
-                f"torchvision's cache ({path.parent}). Fetch it on a machine with network "
-                f"({url}) and put it at {path} (set TORCH_HOME to move the cache), or set "
-                f"model.lpips_backbone to the file's path."
-            )
+            raise FileNotFoundError(missing_lpips_message(net))
     elif backbone == "random":
         path = None
     else:
@@ -188,11 +193,7 @@ def load_decoder(
         try:
             tiny = _from_pretrained_tiny(TAESD_HUB_ID, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"model.decoder=taesd: {TAESD_HUB_ID} is not in the Hugging Face cache. "
-                f"Fetch it on a machine with network (`huggingface-cli download {TAESD_HUB_ID}`)"
-                f" or set model.decoder to a local AutoencoderTiny folder. ({err})"
-            ) from err
+            raise FileNotFoundError(missing_taesd_message(err)) from err
     else:
         if not Path(spec).is_dir():
             raise FileNotFoundError(
@@ -204,6 +205,15 @@ def load_decoder(
     param = next(vae.parameters())
     tiny.to(param.device, param.dtype)
     return LatentDecoder(tiny.eval(), decodes_reference=True, checkpointing=checkpointing)
+
+
+def missing_taesd_message(err: Exception | str | None = None) -> str:
+    """How to get TAESD onto an offline machine (the loader and ``controlnet-emo doctor``)."""
+    return (
+        f"model.decoder=taesd: {TAESD_HUB_ID} is not in the Hugging Face cache. "
+        f"Fetch it on a machine with network (`huggingface-cli download {TAESD_HUB_ID}`)"
+        f" or set model.decoder to a local AutoencoderTiny folder." + (f" ({err})" if err else "")
+    )
 
 
 def _from_pretrained_tiny(name: str, **kwargs) -> nn.Module:

@@ -161,7 +161,7 @@ def _freeze(model: EmoNet) -> EmoNet:
     return model.eval()
 
 
-def _missing_weights_message(path: str | os.PathLike) -> str:
+def missing_weights_message(path: str | os.PathLike) -> str:
     return (
         f"EmoNet weights not found: {os.fspath(path)!r}. Download pretrained/emonet_8.pth "
         "(or emonet_5.pth) from the EmoNet authors' GitHub release (Toisoul et al. 2021; "
@@ -177,7 +177,7 @@ def load_emonet(path: str | os.PathLike, n_expression: int | None = None) -> Emo
     scoring emotions with half-random weights. `n_expression` is read from the file when None.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_weights_message(path))
+        raise FileNotFoundError(missing_weights_message(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, or one that needs arbitrary unpickling

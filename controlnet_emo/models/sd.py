@@ -83,7 +83,7 @@ def load_sd(spec: str, revision: str | None = None, variant: str | None = None) 
     except ModelLoadError:
         raise
     except (OSError, ValueError) as err:
-        raise ModelLoadError(_missing_model_message(spec, err)) from err
+        raise ModelLoadError(missing_model_message(spec, err)) from err
     return SDComponents(source=spec, **parts)
 
 
@@ -117,7 +117,12 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
 
 
-def _missing_model_message(spec: str, err: Exception) -> str:
+def missing_model_message(spec: str, err: Exception | str | None = None) -> str:
+    """What to do about a base model that cannot be read: a missing local path is a path, a
+    hub id is a cache miss with its download command. ``err`` (the loader's error, or what
+    ``controlnet-emo doctor`` found) is appended; the loader and the doctor say the same."""
+    if isinstance(err, Exception):
+        err = f"{type(err).__name__}: {str(err)[:200]}"
     if Path(spec).exists():
         return f"{spec}: not a readable Stable Diffusion folder or file ({err})"
     if looks_like_path(spec):
@@ -126,5 +131,5 @@ def _missing_model_message(spec: str, err: Exception) -> str:
         f"base model {spec!r} is not a local folder and is not in the Hugging Face cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fetch it on a machine with "
         f"network (`huggingface-cli download {spec}`) or set model.pretrained to a local "
-        f"diffusers folder or .safetensors file. ({type(err).__name__}: {str(err)[:200]})"
+        f"diffusers folder or .safetensors file." + (f" ({err})" if err else "")
     )

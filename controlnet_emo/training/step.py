@@ -50,6 +50,14 @@ def host_random(draw, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def sample_timesteps(n: int, t_max: int, how: str, generator: torch.Generator) -> torch.Tensor:
+    """(n,) training timesteps: uniform, or cubic (skewed toward high noise)."""
+    if how == "cubic":
+        u = torch.rand(n, generator=generator)
+        return ((1 - u**3) * t_max).long().clamp_(0, t_max - 1)
+    return torch.randint(0, t_max, (n,), generator=generator)
+
+
 def encode_latents(
     sd: SDComponents, batch: Batch, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -85,7 +93,8 @@ def compute_losses(
     noise = host_random(lambda: torch.randn(latents.shape, generator=generator), device)
     t_max = sd.scheduler.config.num_train_timesteps
     timesteps = host_random(
-        lambda: torch.randint(0, t_max, (len(batch),), generator=generator), device
+        lambda: sample_timesteps(len(batch), t_max, cfg.loss.diffusion.timesteps, generator),
+        device,
     )
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
 

@@ -66,7 +66,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = cfg.train.learning_rate * warmup
         batch = next(batches).to(accelerator.device)
-        loss, _ = compute_losses(models, batch, cfg, generator)
+        loss, _ = compute_losses(models, batch, cfg, generator, step=step - 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()

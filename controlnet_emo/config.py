@@ -115,6 +115,10 @@ class PixelSelectConfig:
     """Only samples with t < max_timestep pay the decoder (low-noise steps carry the signal)."""
     samples_per_batch: int | None = None
     """Fixed count of decoded samples per micro-batch (static shapes); null = every sample."""
+    start_step: int = 0
+    """Pixel and emotion terms join after this many optimizer steps: before, the diffusion term
+    alone teaches the ControlNet to use its maps, which the critic's gradient otherwise
+    drowns early on (BENCHMARKS.md, "When the maps take hold")."""
 
 
 @dataclass
@@ -407,6 +411,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 < cfg.loss.pixel.max_timestep <= 1000:
         raise ConfigError("loss.pixel.max_timestep: must be in (0, 1000]")
+    if cfg.loss.pixel.start_step < 0:
+        raise ConfigError(f"loss.pixel.start_step: {cfg.loss.pixel.start_step}, must be >= 0")
     n = cfg.loss.pixel.samples_per_batch
     if n is not None and not 0 < n <= cfg.train.batch_size:
         raise ConfigError(

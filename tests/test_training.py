@@ -258,3 +258,14 @@ def test_a_diverging_run_stops_with_one_line_and_finite_weights(tmp_path, prepar
     for ckpt in checkpoints:
         state = load_file(ckpt / "model.safetensors")
         assert all(torch.isfinite(v).all() for v in state.values()), ckpt
+
+
+def test_pixel_terms_join_at_their_start_step(tmp_path, prepared):
+    """Diffusion alone for the first loss.pixel.start_step steps, then pixel L1 too."""
+    out = tmp_path / "late"
+    overrides = tiny_overrides(out, prepared, **{"train.max_steps": 3})
+    overrides += ["loss.pixel_l1.weight=0.5", "loss.pixel.start_step=2"]
+    train(load_config(DEMO_CONFIG, overrides))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["loss/pixel_l1" in r for r in rows] == [False, False, True]
+    assert all("loss/diffusion" in r for r in rows)

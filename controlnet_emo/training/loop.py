@@ -185,7 +185,7 @@ def optimizer_step(
         batch = batch.to(accelerator.device)
         g = step_generator(cfg.seed, step, micro, accelerator.process_index)
         with accelerator.accumulate(*opt.modules):
-            loss, terms = compute_losses(models, batch, cfg, g, text)
+            loss, terms = compute_losses(models, batch, cfg, g, text, step)
             accelerator.backward(loss)
             for k, v in {"loss": loss, **{f"loss/{t}": x for t, x in terms.items()}}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / accum

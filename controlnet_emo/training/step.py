@@ -81,11 +81,14 @@ def compute_losses(
     cfg: Config,
     generator: torch.Generator,
     text: torch.Tensor | None = None,
+    step: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted total loss and every enabled term (unweighted) for one micro-batch.
 
     ``text``: the batch's (B,77,D) text states when the caller already has them (the loop
     reads the cache with host ids, before the batch moves); else they are computed here.
+    ``step``: the optimizer step, which holds the pixel terms back before
+    ``loss.pixel.start_step``; None (validation) computes every term.
     """
     sd, device, dtype = m.sd, batch.conditions.device, m.weight_dtype
     latents = encode_latents(sd, batch, generator, dtype)  # (B,4,h,w)
@@ -122,7 +125,7 @@ def compute_losses(
             cfg.loss.diffusion.kind,
             cfg.loss.diffusion.snr_gamma,
         )
-    if m.pixel_losses is not None:
+    if m.pixel_losses is not None and (step is None or step >= cfg.loss.pixel.start_step):
         terms.update(
             m.pixel_losses(
                 noisy,

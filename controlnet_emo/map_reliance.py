@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .data.batch import Batch
 from .losses import diffusion_target
-from .models.controlnet import controlnet_residuals
+from .models.controlnet import controlled_prediction
+from .models.text_cache import encode_captions
 
 PROBE_TIMESTEPS = (100, 300, 500, 700, 900)
 """Spread over the schedule: layout is decided at high noise, detail at low noise."""
@@ -36,6 +37,7 @@ def map_reliance(
     conditions = torch.cat([b.conditions for b in batches])
     shuffled = conditions.roll(1, dims=0)  # the next sample's maps: wrong face, same kind
     errors = {"own": 0.0, "shuffled": 0.0, "none": 0.0}
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     start = 0
     for batch in batches:
         stop = start + len(batch)
@@ -44,7 +46,7 @@ def map_reliance(
             "shuffled": shuffled[start:stop],
             "none": torch.zeros_like(conditions[start:stop]),
         }
-        for name, err in _batch_errors(pipe, batch, maps, timesteps).items():
+        for name, err in _batch_errors(pipe, scheduler, batch, maps, timesteps).items():
             errors[name] += err * len(batch)
         start = stop
     errors = {k: v / len(conditions) for k, v in errors.items()}
@@ -56,18 +58,21 @@ def map_reliance(
 
 
 def _batch_errors(
-    pipe: Any, batch: Batch, maps: dict[str, Tensor], timesteps: tuple[int, ...]
+    pipe: Any,
+    scheduler: DDPMScheduler,
+    batch: Batch,
+    maps: dict[str, Tensor],
+    timesteps: tuple[int, ...],
 ) -> dict[str, float]:
     """Per map set, the noise-prediction MSE averaged over ``timesteps`` for one batch."""
     p = next(pipe.unet.parameters())
     device, dtype = p.device, p.dtype
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     vae = pipe.vae
     pixels = batch.pixel_values.to(device, vae.dtype)
     latents = vae.encode(pixels).latent_dist.mean.float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents = (latents - shift) * vae.config.scaling_factor
-    text = pipe.text_encoder(batch.input_ids.to(device), return_dict=False)[0].to(dtype)
+    text = encode_captions(pipe.text_encoder, batch.input_ids.to(device), dtype)
     out = dict.fromkeys(maps, 0.0)
     for t in timesteps:
         generator = torch.Generator("cpu").manual_seed(t)  # the same noise for every map set
@@ -76,16 +81,8 @@ def _batch_errors(
         noisy = scheduler.add_noise(latents, noise, ts).to(dtype)
         target = diffusion_target(latents, noise, ts, scheduler)  # noise, or v for v-models
         for name, cond in maps.items():
-            down, mid = controlnet_residuals(
-                pipe.controlnet, noisy, ts, text, cond.to(device, dtype)
+            pred = controlled_prediction(
+                pipe.unet, pipe.controlnet, noisy, ts, text, cond.to(device), dtype
             )
-            pred = pipe.unet(
-                noisy,
-                ts,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0].float()
             out[name] += float(((pred - target) ** 2).mean()) / len(timesteps)
     return out

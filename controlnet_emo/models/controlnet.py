@@ -121,3 +121,28 @@ def controlnet_residuals(
         return_dict=False,
     )
     return down, mid
+
+
+def controlled_prediction(
+    unet: UNet2DConditionModel,
+    controlnet: ControlNetModel | MultiControlNetModel,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    conditions: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The UNet's fp32 prediction (noise or velocity) with the ControlNet's residuals added:
+    what training scores and what the map-reliance probe compares across map sets."""
+    noisy = noisy_latents.to(dtype)
+    down, mid = controlnet_residuals(
+        controlnet, noisy, timesteps, text_embeddings, conditions.to(dtype)
+    )
+    return unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=text_embeddings,
+        down_block_additional_residuals=[r.to(dtype) for r in down],
+        mid_block_additional_residual=mid.to(dtype),
+        return_dict=False,
+    )[0].float()

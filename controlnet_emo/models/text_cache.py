@@ -32,13 +32,17 @@ class TextEmbeddingCache:
         if missing:
             rows = [keys.index(k) for k in missing]
             device = next(self.text_encoder.parameters()).device
-            hidden = self.encode(input_ids[rows].to(device))  # (M,77,D)
+            hidden = encode_captions(self.text_encoder, input_ids[rows].to(device), self.dtype)
             fresh = dict(zip(missing, hidden, strict=True))
             room = max(0, self.max_entries - len(self._rows))
             self._rows.update(list(fresh.items())[:room])
         picked = [self._rows[k] if k in self._rows else fresh[k] for k in keys]
         return torch.stack(picked)  # (B,77,D), on the encoder's device
 
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """What every step computed before the cache: the encoder's last hidden state."""
-        return self.text_encoder(input_ids, return_dict=False)[0].to(self.dtype)
+
+@torch.no_grad()
+def encode_captions(
+    text_encoder: torch.nn.Module, input_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B,77) ids -> (B,77,D): the frozen encoder's last hidden state, cached or not."""
+    return text_encoder(input_ids, return_dict=False)[0].to(dtype)

@@ -14,9 +14,9 @@ import torch
 from ..config import Config
 from ..data.batch import Batch
 from ..losses import diffusion_loss, diffusion_target
-from ..models.controlnet import controlnet_residuals
+from ..models.controlnet import controlled_prediction
 from ..models.sd import SDComponents
-from ..models.text_cache import TextEmbeddingCache
+from ..models.text_cache import TextEmbeddingCache, encode_captions
 
 if TYPE_CHECKING:
     from ..losses import PixelLosses
@@ -36,9 +36,7 @@ class TrainModels:
         """(B,77) ids -> (B,77,D) frozen text-encoder states, from the cache when there is one."""
         if self.text_cache is not None:
             return self.text_cache(input_ids)
-        with torch.no_grad():
-            out = self.sd.text_encoder(input_ids, return_dict=False)[0]
-        return out.to(self.weight_dtype)
+        return encode_captions(self.sd.text_encoder, input_ids, self.weight_dtype)
 
 
 def host_random(draw, device: torch.device) -> torch.Tensor:
@@ -101,17 +99,9 @@ def compute_losses(
     )
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
 
-    down, mid = controlnet_residuals(
-        m.controlnet, noisy.to(dtype), timesteps, text, batch.conditions.to(dtype)
+    model_pred = controlled_prediction(
+        sd.unet, m.controlnet, noisy, timesteps, text, batch.conditions, dtype
     )
-    model_pred = sd.unet(
-        noisy.to(dtype),
-        timesteps,
-        encoder_hidden_states=text,
-        down_block_additional_residuals=[r.to(dtype) for r in down],
-        mid_block_additional_residual=mid.to(dtype),
-        return_dict=False,
-    )[0].float()
 
     weights = cfg.loss.weights()
     terms: dict[str, torch.Tensor] = {}

@@ -25,7 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --arch tiny
-	$(BIN)/python benchmarks/conditioners.py
+	$(BIN)/python benchmarks/conditioner_speed.py
 
 clean:
 	rm -rf runs/demo

@@ -12,7 +12,7 @@ the same held-out samples and seeds, twice: with the samples' captions (which na
 expression) and with a prompt that names none, so that the emotion must come from the
 render and the loss. The research reports +8 points top-1 (31 -> 39 %) from its emotion loss.
 
-    python benchmarks/emotion_ablation.py --out runs/ablation --steps 400
+    python benchmarks/emotion_ablation.py --out runs/ablation   # demo.yaml's 1,000 steps
 
 Prints a JSON line per (variant, prompt) and a Markdown table for BENCHMARKS.md; "maps x" is
 the held-out noise-prediction error with another sample's maps over that with the own maps

@@ -55,6 +55,13 @@ def _train(cfg: Config, stop: checkpointing.StopRequest) -> Path:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     check_dataset(cfg)  # a wrong data.root fails here, not after the base model loaded
+    if cfg.loss.needs_decoder and cfg.loss.pixel.start_step >= cfg.train.max_steps:
+        log.warning(
+            "loss.pixel.start_step=%d >= train.max_steps=%d: the pixel and emotion terms "
+            "never run in this run",
+            cfg.loss.pixel.start_step,
+            cfg.train.max_steps,
+        )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")

@@ -1,6 +1,6 @@
 """Images per second of each conditioner on this machine; one JSON line per conditioner.
 
-    python benchmarks/conditioners.py [--size 512] [--full-depth] [--device cpu|cuda]
+    python benchmarks/conditioner_speed.py [--size 512] [--full-depth] [--device cpu|cuda]
 
 Inputs are synthetic faces at ``--size``. Networks carry random weights (nothing is
 downloaded) but the real architectures, so the compute is what the real weights cost: FAN is

@@ -92,12 +92,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     cfg = load_config(args.config or REPO_CONFIGS / "demo.yaml", overrides)
-    prepare_demo_data(cfg, out / "raw", n=args.n, resolution=args.resolution)
+    prepare_demo_data(cfg, out / "raw", n=args.n, resolution=args.resolution, codes=args.codes)
     train(cfg)
     demo_infer_and_evaluate(cfg, out)
+    if args.codes:
+        demo_edit(cfg, out)
     print(
         f"demo finished: {out} (controlnet/, controlnet.safetensors, samples/, metrics.jsonl, "
-        f"infer/, eval/)"
+        f"infer/, eval/{', edit/' if args.codes else ''})"
     )
     return 0
 
@@ -108,17 +110,29 @@ DEMO_EVAL_CRITIC = "demo-critic-eval"
 
 
 def prepare_demo_data(
-    cfg: Config, raw: Path, n: int | None = None, resolution: int | None = None
+    cfg: Config,
+    raw: Path,
+    n: int | None = None,
+    resolution: int | None = None,
+    codes: bool = False,
 ) -> None:
-    """Synthetic raw faces (seeded by ``cfg.seed``; kept when already there), then prepare."""
+    """Synthetic raw faces (seeded by ``cfg.seed``; kept when already there), then prepare.
+    ``codes``: the faces carry FLAME codes of a synthetic FLAME-format model and no camera,
+    so prepare fits each camera and renders the FLAME maps from the codes."""
     from conditioners.prepare import prepare_dataset
 
     from .data.synthetic import write_raw_dataset
 
     if not (raw / "annotations.csv").is_file():
         write_raw_dataset(
-            raw, n=n or DEMO_FACES, resolution=resolution or DEMO_RESOLUTION, seed=cfg.seed
+            raw,
+            n=n or DEMO_FACES,
+            resolution=resolution or DEMO_RESOLUTION,
+            seed=cfg.seed,
+            codes=codes,
         )
+    elif codes and not (raw / "codes").is_dir():
+        raise ConfigError(f"{raw}: holds faces without FLAME codes; remove it to use --codes")
     prepare_dataset(raw, cfg.data.root, cfg)
 
 
@@ -151,6 +165,28 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         emonet=DEMO_EVAL_CRITIC,
         guidance_scale=cfg.train.validation_guidance_scale,
     )
+
+
+def demo_edit(cfg: Config, out: Path) -> None:
+    """The FLAME path's last step: the first held-out face's codes moved toward 'happy' over
+    the sweep's strengths, rendered and drawn by the run (``controlnet-emo edit --sweep``)."""
+    from .data.dataset import held_out_records
+    from .data.synthetic_flame import FLAME_MODEL_FILE
+    from .flame_edit import edit
+
+    first = Path(held_out_records(cfg)[0].file_name)  # images/<sub>/<stem>.png
+    raw = out / "raw"
+    paths = edit(
+        out,
+        raw / FLAME_MODEL_FILE,
+        raw / "codes" / first.parent.name / first.stem,
+        "happy",
+        out / "edit" / "happy_sweep.png",
+        sweep=True,
+        steps=cfg.train.validation_steps,
+        guidance_scale=cfg.train.validation_guidance_scale,
+    )
+    print(f"edit sheet: {paths[0]}")
 
 
 def cmd_pretrain_base(args: argparse.Namespace) -> int:
@@ -403,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="synthetic faces (default 400)")
     p.add_argument("--resolution", type=int, default=None, help="synthetic image size (64)")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument(
+        "--codes",
+        action="store_true",
+        help="the FLAME path: faces with FLAME codes (no camera), maps rendered from them, "
+        "and an expression-edit sweep of a held-out face at the end (edit/)",
+    )
     add_config_arguments(p)
     p.set_defaults(func=cmd_demo)
 

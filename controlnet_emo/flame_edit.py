@@ -310,7 +310,7 @@ def _tile(image: np.ndarray | None, size: int) -> Image.Image:
     """(H, W, 3) uint8 -> the size x size centre crop the model sees; None -> a black tile."""
     if image is None:
         return Image.new("RGB", (size, size))
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    t = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
     t = resize_center_crop(t, size)
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 

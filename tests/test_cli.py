@@ -59,6 +59,26 @@ def test_demo_runs_every_stage(tmp_path):
     assert report["emonet"]["source"] == "demo-critic-eval" and not report["warnings"]
 
 
+def test_demo_codes_runs_the_flame_path_to_an_edit_sweep(tmp_path):
+    """synth --codes (no camera) -> prepare renders the maps from the codes, fitting each
+    camera -> train -> evaluate -> an expression sweep of a held-out face."""
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    code = main(
+        ["demo", "--codes", "--out", str(out), "--n", "16", "--resolution", "64", "--steps", "1"]
+        + [f"--set={kv}" for kv in ("train.validation_steps=2", "train.report_to=none")]
+    )
+    assert code == 0
+    report = json.loads((out / "data" / "prepare_report.json").read_text())
+    assert report["flame_source"] == "codes", report.get("flame_source")
+    assert (out / "data" / "expression_codes.npz").is_file()
+    sheet = Image.open(out / "edit" / "happy_sweep.png")
+    faces = sorted((out / "edit").glob("happy_sweep_face_*.png"))
+    assert len(faces) >= 3 and sheet.width > sheet.height  # a row per strength
+    assert Image.open(faces[0]).size == (64, 64)
+
+
 def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
     code = main(
         [

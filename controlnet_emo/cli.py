@@ -170,16 +170,18 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
 def demo_edit(cfg: Config, out: Path) -> None:
     """The FLAME path's last step: the first held-out face's codes moved toward 'happy' over
     the sweep's strengths, rendered and drawn by the run (``controlnet-emo edit --sweep``)."""
+    from conditioners.prepare import codes_folder
+
     from .data.dataset import held_out_records
     from .data.synthetic_flame import FLAME_MODEL_FILE
     from .flame_edit import edit
 
-    first = Path(held_out_records(cfg)[0].file_name)  # images/<sub>/<stem>.png
+    first = Path(held_out_records(cfg)[0].file_name).relative_to("images")  # <sub>/<stem>.png
     raw = out / "raw"
     paths = edit(
         out,
         raw / FLAME_MODEL_FILE,
-        raw / "codes" / first.parent.name / first.stem,
+        codes_folder(raw, str(first)),
         "happy",
         out / "edit" / "happy_sweep.png",
         sweep=True,

@@ -31,7 +31,7 @@ def test_demo_runs_every_stage(tmp_path):
             "--set",
             "train.report_to=none",
             "--set",
-            "loss.pixel.start_step=0",  # demo.yaml holds them back for 850 of its 1,000 steps
+            "loss.pixel.start_step=0",  # demo.yaml holds them back for 500 of its 1,000 steps
         ]
     )
     assert code == 0

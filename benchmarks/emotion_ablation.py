@@ -6,6 +6,8 @@ identical but for the loss:
   diffusion        the diffusion term alone
   +emotion         plus valence / arousal / expression read by ``demo-critic-train``
   +emotion+l1      plus pixel L1 on the decoded prediction (configs/demo.yaml's recipe)
+  +emotion+l1+balance  the same, with those terms' pull on the noise prediction capped at
+                   half the diffusion term's (``loss.pixel.balance``)
 
 each graded by the *held-out* critic (``demo-critic-eval``: another seed, faces and trunk) on
 the same held-out samples and seeds, twice: with the samples' captions (which name the
@@ -39,6 +41,7 @@ VARIANTS = {
     ],
     "+emotion": ["loss.pixel_l1.weight=0"],
     "+emotion+l1": [],
+    "+emotion+l1+balance": ["loss.pixel.balance=0.5"],
 }
 NEUTRAL_PROMPT = "a close-up photo of a face"
 COLUMNS = (
@@ -59,6 +62,9 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--critic", default="demo-critic-eval")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="for every variant"
+    )
     args = p.parse_args()
 
     from controlnet_emo.cli import prepare_demo_data
@@ -69,7 +75,12 @@ def main() -> None:
     rows = []
     for name in args.variants:
         run = args.out / name.replace("+", "plus_")
-        overrides = [f"output_dir={run}", f"data.root={args.out / 'data'}", *VARIANTS[name]]
+        overrides = [
+            f"output_dir={run}",
+            f"data.root={args.out / 'data'}",
+            *args.set,
+            *VARIANTS[name],
+        ]
         if args.steps:
             overrides.append(f"train.max_steps={args.steps}")
         cfg = load_config(REPO_CONFIGS / "demo.yaml", overrides)

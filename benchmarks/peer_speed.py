@@ -17,7 +17,9 @@ script writes as parquet with the peer's interpreter (``--peer-python``; it need
 
 Prints one JSON object: ``ours``, ``peer``, ``ratio``, ``ours_cached`` (``data.cache_latents``
 on), ``ratio_cached``, the same rates per CPU second (``per_cpu_s``: steadier where other
-tenants load the machine), the start-up seconds of each and the load average around the runs.
+tenants load the machine), the start-up seconds of each and the load average around the runs;
+with ``--compile`` also ``ours_compiled`` / ``ours_cached_compiled`` (``train.compile``) and
+``compiled_over_eager``.
 
     python benchmarks/peer_speed.py --peer /tmp/peer/train_controlnet.py
     python benchmarks/peer_speed.py --quick             # ours only, 10 and 40 steps
@@ -109,7 +111,9 @@ def write_peer_dataset(python: str, prepared: Path, out: Path) -> None:
 # --- the two trainers ------------------------------------------------------------------------
 
 
-def ours_command(repo: Path, model: Path, data: Path, out: Path, steps: int, cached: bool):
+def ours_command(
+    repo: Path, model: Path, data: Path, out: Path, steps: int, cached: bool, compiled: bool = False
+):
     """`controlnet-emo train` (through the repo's train_controlnet.py) on the shared work."""
     sets = {
         "output_dir": out,
@@ -144,6 +148,7 @@ def ours_command(repo: Path, model: Path, data: Path, out: Path, steps: int, cac
         "train.validation_samples": 1,
         "train.validation_steps": 1,
         "train.report_to": "tensorboard",
+        "train.compile": str(compiled).lower(),
     }
     return [
         sys.executable,
@@ -241,6 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds; the median rate is kept")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--no-cached", action="store_true", help="skip the latent-cache variant")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours with train.compile (the compile itself cancels out, as start-up)",
+    )
     p.add_argument("--work", type=Path, default=None, help="keep inputs and logs here")
     return p.parse_args(argv)
 
@@ -261,13 +271,13 @@ def main(argv: list[str] | None = None) -> None:
 
         model = tiny_sd_folder(work / "cache")
         write_images(work / "data", args.images, 64)
-        variants = {
-            "ours": lambda n, o: ours_command(args.ours_repo, model, work / "data", o, n, False)
-        }
-        if not args.no_cached:
-            variants["ours_cached"] = lambda n, o: ours_command(
-                args.ours_repo, model, work / "data", o, n, True
-            )
+        variants = {}
+        for cached in (False,) if args.no_cached else (False, True):
+            for compiled in (False, True) if args.compile else (False,):
+                name = "ours" + "_cached" * cached + "_compiled" * compiled
+                variants[name] = lambda n, o, c=cached, k=compiled: ours_command(
+                    args.ours_repo, model, work / "data", o, n, c, k
+                )
         if args.baseline_repo is not None:
             variants["baseline"] = lambda n, o: ours_command(
                 args.baseline_repo, model, work / "data", o, n, False
@@ -303,6 +313,11 @@ def main(argv: list[str] | None = None) -> None:
             if "peer" in figures and "ours_cached" in figures
             else None,
             steps=[short, long],
+            compiled_over_eager={
+                k: round(figures[k + "_compiled"] / figures[k], 2)
+                for k in ("ours", "ours_cached")
+                if k in figures and k + "_compiled" in figures
+            },
             vs_baseline={
                 k: round(figures[k] / figures[b], 2)
                 for k, b in (("ours", "baseline"), ("ours_cached", "baseline_cached"))

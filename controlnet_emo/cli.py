@@ -233,6 +233,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument(
+        "--controlnet-scale",
+        type=float,
+        default=1.0,
+        help="overall ControlNet conditioning scale, as infer's (the baseline uses it too)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the same seed for every sample, as infer")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
@@ -264,6 +270,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             emonet=args.emonet,
             steps=args.steps,
             guidance_scale=args.guidance_scale,
+            controlnet_scale=args.controlnet_scale,
             seed=args.seed,
             batch_size=args.batch_size,
             baseline=not args.no_baseline,

@@ -119,6 +119,10 @@ class PixelSelectConfig:
     """Pixel and emotion terms join after this many optimizer steps: before, the diffusion term
     alone teaches the ControlNet to use its maps, which the critic's gradient otherwise
     drowns early on (BENCHMARKS.md, "When the maps take hold")."""
+    balance: float | None = None
+    """Cap the pixel and emotion terms' gradient on the noise prediction at this multiple of
+    the diffusion term's (VQGAN's adaptive weight, capped at 1): a decoded critic's gradient
+    can be ten times the diffusion term's and undo the maps. null: the weights alone."""
 
 
 @dataclass
@@ -413,6 +417,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.pixel.max_timestep: must be in (0, 1000]")
     if cfg.loss.pixel.start_step < 0:
         raise ConfigError(f"loss.pixel.start_step: {cfg.loss.pixel.start_step}, must be >= 0")
+    if cfg.loss.pixel.balance is not None and not cfg.loss.pixel.balance > 0:
+        raise ConfigError(f"loss.pixel.balance: {cfg.loss.pixel.balance}, must be > 0 or null")
     n = cfg.loss.pixel.samples_per_batch
     if n is not None and not 0 < n <= cfg.train.batch_size:
         raise ConfigError(

@@ -91,11 +91,13 @@ def generate_batch(
     seed: int,
     steps: int,
     guidance_scale: float,
+    controlnet_scale: float = 1.0,
 ) -> Tensor:
     """(B,3N,H,W) maps -> (B,3,H,W) in [0,1], quantised to 8 bits as a saved PNG is.
 
     One CPU generator per sample, each seeded ``seed``: the noise ``infer --seed`` draws for a
     single image, so differences between rows come from the conditions and captions alone.
+    ``controlnet_scale`` multiplies the ControlNet's residuals, as ``infer --controlnet-scale``.
     """
     b, _, h, w = maps.shape
     image: Any = list(maps.split(3, dim=1)) if mode == "multi" else maps
@@ -108,6 +110,7 @@ def generate_batch(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         generator=gens,
+        controlnet_conditioning_scale=controlnet_scale,
         output_type="np",
     ).images
     arr = (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)  # (B,H,W,3)
@@ -124,6 +127,7 @@ def generate_and_read(
     seed: int,
     steps: int,
     guidance_scale: float,
+    controlnet_scale: float,
     batch_size: int,
     baseline: bool,
     grid_rows: int,
@@ -148,7 +152,11 @@ def generate_and_read(
         stop = min(start + batch_size, len(ds))
         batch = collate([ds[i] for i in range(start, stop)])
         draw = dict(
-            prompts=prompts[start:stop], seed=seed, steps=steps, guidance_scale=guidance_scale
+            prompts=prompts[start:stop],
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            controlnet_scale=controlnet_scale,
         )
         images = {
             "generated": generate_batch(pipe, mode, batch.conditions, **draw),
@@ -205,6 +213,7 @@ def evaluate(
     emonet: str | None = None,
     steps: int = 30,
     guidance_scale: float = 7.5,
+    controlnet_scale: float = 1.0,
     seed: int = 0,
     batch_size: int = 4,
     baseline: bool = True,
@@ -256,6 +265,7 @@ def evaluate(
         seed=seed,
         steps=steps,
         guidance_scale=guidance_scale,
+        controlnet_scale=controlnet_scale,
         batch_size=batch_size,
         baseline=baseline,
         grid_rows=grid_rows,
@@ -278,6 +288,7 @@ def evaluate(
         "settings": {
             "steps": steps,
             "guidance_scale": guidance_scale,
+            "controlnet_scale": controlnet_scale,
             "seed": seed,
             "scheduler": scheduler,
             "resolution": size,

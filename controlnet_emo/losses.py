@@ -56,6 +56,22 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+def gradient_balance(
+    anchor: torch.Tensor, other: torch.Tensor, wrt: torch.Tensor, ratio: float
+) -> torch.Tensor:
+    """A detached factor in (0, 1]: ``other * factor`` pulls on ``wrt`` at most ``ratio`` times
+    as hard as ``anchor`` does (gradient norms). Measured on the network's output rather than
+    its weights, so it costs one backward through the loss heads, not through the UNet."""
+    g_anchor, g_other = (
+        torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)[0]
+        for loss in (anchor, other)
+    )
+    if g_anchor is None or g_other is None:
+        return torch.ones((), device=wrt.device)
+    factor = ratio * g_anchor.norm() / g_other.norm().clamp(min=1e-12)
+    return factor.clamp(max=1.0).detach()
+
+
 def predict_x0(
     noisy_latents: torch.Tensor, model_pred: torch.Tensor, timesteps: torch.Tensor, scheduler
 ) -> torch.Tensor:

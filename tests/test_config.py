@@ -53,6 +53,7 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
         ("conditions=[flame, normals]", "conditions"),
         ("data.condition_dropout=1.5", "data.condition_dropout"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("loss.pixel.balance=0", "loss.pixel.balance"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

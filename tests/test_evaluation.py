@@ -273,11 +273,18 @@ def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
     assert info.mode == mode
     maps = torch.rand(2, 9, 64, 64, generator=torch.Generator().manual_seed(3))
     prompts = ["a photo of a happy face", "a photo of a sad face"]
-    batch = generate_batch(pipe, info.mode, maps, prompts, seed=7, steps=2, guidance_scale=7.5)
+    draw = dict(seed=7, steps=2, guidance_scale=7.5)
+    batch = generate_batch(pipe, info.mode, maps, prompts, **draw)
     for i in range(2):
         single = generate(pipe, info, maps[i], prompts[i], seed=7, steps=2)
         single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
         assert (batch[i] - single_t).abs().max() <= 2 / 255
+    # evaluate --controlnet-scale draws what infer --controlnet-scale does, and it matters
+    weak = generate_batch(pipe, info.mode, maps[:1], prompts[:1], controlnet_scale=0.2, **draw)
+    single = generate(pipe, info, maps[0], prompts[0], seed=7, steps=2, controlnet_scale=0.2)
+    single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
+    assert (weak[0] - single_t).abs().max() <= 2 / 255
+    assert (weak[0] - batch[0]).abs().max() > 4 / 255
 
 
 @pytest.mark.parametrize("case", ["run", "data", "split", "emonet"])

@@ -12,6 +12,7 @@ from controlnet_emo.losses import (
     PixelLosses,
     diffusion_loss,
     diffusion_target,
+    gradient_balance,
     masked_mean,
     min_snr_weights,
     predict_x0,
@@ -113,6 +114,21 @@ def test_selection_is_static_low_noise_first_in_batch_order():
     assert index.tolist() == [0, 1, 2, 3] and keep.all()
     index, keep = select_pixel_samples(t, max_timestep=10, count=2)
     assert index.shape == (2,) and not keep.any()  # still decoded (static), masked out
+
+
+def test_gradient_balance_caps_the_weaker_pull_only():
+    """A term ten times the anchor's pull is scaled to ``ratio`` of it; a weak one is kept."""
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    anchor = pred.pow(2).sum()  # gradient 2 * pred
+    strong = 20 * pred.pow(2).sum()  # gradient 40 * pred: 20x the anchor's
+    assert gradient_balance(anchor, strong, pred, 0.5).item() == pytest.approx(0.5 / 20)
+    assert gradient_balance(anchor, 0.1 * anchor, pred, 0.5).item() == 1.0
+    factor = gradient_balance(anchor, strong, pred, 1.0)
+    assert not factor.requires_grad
+    (g,) = torch.autograd.grad(anchor + factor * strong, pred)
+    assert torch.allclose(
+        g, 2 * (2 * pred), atol=1e-5
+    )  # the scaled term pulls as hard as the anchor
 
 
 def test_masked_mean_ignores_masked_samples_even_if_not_finite():

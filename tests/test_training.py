@@ -270,3 +270,14 @@ def test_pixel_terms_join_at_their_start_step(tmp_path, prepared):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ["loss/pixel_l1" in r for r in rows] == [False, False, True]
     assert all("loss/diffusion" in r for r in rows)
+
+
+def test_balanced_pixel_terms_are_scaled_and_logged(tmp_path, prepared):
+    """loss.pixel.balance: the pixel term's pull is capped, and the factor is in metrics."""
+    out = tmp_path / "balanced"
+    overrides = tiny_overrides(out, prepared, **{"train.max_steps": 2})
+    overrides += ["loss.pixel_l1.weight=1000", "loss.pixel.start_step=0", "loss.pixel.balance=0.1"]
+    train(load_config(DEMO_CONFIG, overrides))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss/pixel_scale"] for r in rows]
+    assert all(0 < s < 1 for s in scales), scales  # at weight 1000, L1 outpulls diffusion

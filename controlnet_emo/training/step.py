@@ -13,7 +13,7 @@ import torch
 
 from ..config import Config
 from ..data.batch import Batch
-from ..losses import diffusion_loss, diffusion_target
+from ..losses import diffusion_loss, diffusion_target, gradient_balance
 from ..models.controlnet import controlled_prediction
 from ..models.sd import SDComponents
 from ..models.text_cache import TextEmbeddingCache, encode_captions
@@ -129,5 +129,12 @@ def compute_losses(
                 batch.arousal,
             )
         )
-    loss = sum(weights[k] * v for k, v in terms.items())
-    return loss, terms
+    anchor = weights["diffusion"] * terms["diffusion"] if "diffusion" in terms else 0.0
+    pixel = sum(weights[k] * v for k, v in terms.items() if k != "diffusion")
+    ratio = cfg.loss.pixel.balance
+    if ratio is not None and torch.is_tensor(pixel) and torch.is_tensor(anchor):
+        if model_pred.requires_grad:  # training; validation reports the unscaled terms
+            scale = gradient_balance(anchor, pixel, model_pred, ratio)
+            pixel = pixel * scale
+            terms["pixel_scale"] = scale  # logged beside the terms; not itself a loss
+    return anchor + pixel, terms

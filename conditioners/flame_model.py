@@ -167,7 +167,7 @@ def load_arrays(path: str | Path) -> dict[str, object]:
                     raise ValueError("expected a saved dict, found a plain array")
             loaded = safe_unpickle(f)
     except pickle.UnpicklingError as err:
-        raise FlameModelError(f"{path}: {err}") from None
+        raise FlameModelError(f"{where_from(path)}; {err}") from None
     except (OSError, ValueError, EOFError, KeyError, TypeError) as err:
         raise FlameModelError(f"{where_from(path)}; cannot read it: {err}") from None
     if isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.shape == ():

@@ -111,6 +111,25 @@ def test_pkl_with_chumpy_arrays_and_npz_give_the_same_mesh(tmp_path, arrays, suf
     torch.testing.assert_close(model(*codes).vertices, reference)
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_flame_2023_style_plain_numpy_pkl_at_a_newer_protocol_reads(tmp_path, arrays, protocol):
+    """FLAME 2023's .pkl: plain numpy arrays (no chumpy, no scipy) at pickle protocol 4 or 5."""
+    pkl = write_synthetic_flame(tmp_path / "flame2023.pkl", chumpy=False, protocol=protocol)
+    npz = write_synthetic_flame(tmp_path / "flame2023.npz")
+    blob = pkl.read_bytes()
+    assert blob[:2] == bytes([pickle.PROTO[0], protocol])  # written at the protocol asked for
+    assert b"chumpy" not in blob and b"scipy" not in blob
+    rng = np.random.default_rng(3)
+    codes = (
+        torch.tensor(rng.standard_normal((2, 100)) * 0.5),
+        torch.tensor(rng.standard_normal((2, 50)) * 0.5),
+        torch.tensor([[0.1, -0.2, 0.05, 0.25, 0, 0], [-0.05, 0.3, 0, 0.1, 0.02, 0]]),
+    )
+    expected = FlameModel.from_file(npz)(*codes).vertices
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(FlameModel.from_file(pkl)(*codes).vertices, expected)
+
+
 @pytest.mark.parametrize("protocol", [0, 2])
 def test_chumpy_object_pickled_by_a_foreign_class_reads_as_a_plain_array(tmp_path, protocol):
     """Emulate chumpy: a class registered as chumpy.ch.Ch, its array in the pickled state."""
@@ -161,6 +180,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
         FlameModel.from_file(tmp_path / "evil.pkl")
     message = str(err.value)
     assert "\n" not in message and "evil.pkl" in message and "system" in message
+    assert FLAME_URL in message  # says where a genuine FLAME file comes from
     assert not marker.exists()
 
 

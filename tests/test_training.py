@@ -281,3 +281,19 @@ def test_balanced_pixel_terms_are_scaled_and_logged(tmp_path, prepared):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scales = [r["loss/pixel_scale"] for r in rows]
     assert all(0 < s < 1 for s in scales), scales  # at weight 1000, L1 outpulls diffusion
+
+
+@pytest.mark.parametrize("checkpointing, mode", [(True, "full"), (False, "none")])
+def test_the_pixel_path_recomputes_in_backward_only_with_gradient_checkpointing(
+    tmp_path, prepared, checkpointing, mode
+):
+    """A small model with checkpointing off should not pay the decoder and critic twice."""
+    from accelerate import Accelerator
+
+    from controlnet_emo.training.loop import build_models
+
+    overrides = tiny_overrides(
+        tmp_path, prepared, keep_losses=True, **{"train.gradient_checkpointing": checkpointing}
+    )
+    models, _, _ = build_models(load_config(DEMO_CONFIG, overrides), Accelerator(cpu=True))
+    assert models.pixel_losses.checkpointing == mode

@@ -211,15 +211,18 @@ def flame_pickle_bytes(arrays: dict, chumpy: bool = True, protocol: int = 2) -> 
     return buf.getvalue()
 
 
-def write_synthetic_flame(path: str | Path, seed: int = 0, chumpy: bool = True) -> Path:
-    """Write the synthetic model as ``.npz`` or (any other suffix) a FLAME-style ``.pkl``."""
+def write_synthetic_flame(
+    path: str | Path, seed: int = 0, chumpy: bool = True, protocol: int = 2
+) -> Path:
+    """Write the synthetic model as ``.npz`` or (any other suffix) a FLAME-style ``.pkl``
+    at pickle ``protocol`` (FLAME 2020: 2 with chumpy; FLAME 2023: plain numpy, newer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = build_synthetic_flame(seed=seed)
     if path.suffix == ".npz":
         np.savez(path, **arrays)
     else:
-        path.write_bytes(flame_pickle_bytes(arrays, chumpy=chumpy))
+        path.write_bytes(flame_pickle_bytes(arrays, chumpy=chumpy, protocol=protocol))
     return path
 
 

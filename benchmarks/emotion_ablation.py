@@ -30,7 +30,7 @@ from pathlib import Path
 
 from controlnet_emo.cli import REPO_CONFIGS
 from controlnet_emo.config import load_config
-from controlnet_emo.evaluation import evaluate
+from controlnet_emo.evaluation import NEUTRAL_PROMPT, evaluate
 
 VARIANTS = {
     "diffusion": [
@@ -43,7 +43,6 @@ VARIANTS = {
     "+emotion+l1": [],
     "+emotion+l1+balance": ["loss.pixel.balance=0.5"],
 }
-NEUTRAL_PROMPT = "a close-up photo of a face"
 COLUMNS = (
     ("top-1", "expression_accuracy"),
     ("top-3", "expression_top3_accuracy"),
@@ -100,6 +99,7 @@ def main() -> None:
                 guidance_scale=cfg.train.validation_guidance_scale,
                 prompt=prompt,
                 grid_rows=4,
+                batch_size=16,
             )
             row = {
                 "variant": name,
@@ -122,13 +122,17 @@ def markdown(rows: list[dict]) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     lines = [
-        "| variant | prompt | " + " | ".join(name for name, _ in COLUMNS) + " | maps x |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+        "| variant | prompt | "
+        + " | ".join(name for name, _ in COLUMNS)
+        + " | NME / no maps | maps x |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 2),
     ]
     for r in rows:
+        ratio = r["nme"] / r["baseline"]["nme"] if r["nme"] and r["baseline"]["nme"] else None
         lines.append(
             f"| {r['variant']} | {r['prompt']} | "
             + " | ".join(cell(r[key]) for _, key in COLUMNS)
+            + f" | {'-' if ratio is None else f'{ratio:.2f}x'}"
             + f" | {cell(r['maps_shuffled_over_own'])} |"
         )
     for label in ("baseline", "real"):
@@ -137,7 +141,7 @@ def markdown(rows: list[dict]) -> str:
                 lines.append(
                     f"| {label} ({r['variant']} run) | {r['prompt']} | "
                     + " | ".join(cell(r[label][key]) for _, key in COLUMNS)
-                    + " | - |"
+                    + " | - | - |"
                 )
     return "\n".join(lines)
 

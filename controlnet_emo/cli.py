@@ -105,6 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 DEMO_FACES, DEMO_RESOLUTION, DEMO_EVAL_SAMPLES = 400, 64, 32
+DEMO_EVAL_BATCH = 16
+"""Evaluation batch: on the demo's 64 px faces 16 draws as much as 4 in 0.7 of the time."""
 DEMO_EVAL_CRITIC = "demo-critic-eval"
 """The demo grades with the critic it did not train against (models/shipped.py)."""
 
@@ -164,6 +166,7 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         steps=cfg.train.validation_steps,
         emonet=DEMO_EVAL_CRITIC,
         guidance_scale=cfg.train.validation_guidance_scale,
+        batch_size=DEMO_EVAL_BATCH,
     )
 
 
@@ -250,7 +253,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the training resolution)"
     )
-    p.add_argument("--grid-rows", type=int, default=8, help="samples shown in grid.png")
+    p.add_argument(
+        "--grid-rows", type=int, default=8, help="samples shown in grid.png and maps_sweep.png"
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
 
 

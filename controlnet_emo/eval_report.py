@@ -105,6 +105,29 @@ def write_outputs(
     return written
 
 
+def write_maps_sweep(
+    path: Path, shown: list[dict[str, Tensor]], follow: Tensor, conditions: list[str]
+) -> Path:
+    """maps_sweep.png: the FLAME renders of the shown samples over the faces ``follow`` drawn
+    from them with one prompt (``evaluation.NEUTRAL_PROMPT``) and one seed, over the targets.
+    The prompt and the noise are the same in every column, so whatever moves along the middle
+    row (pose, position, mouth, brows) moved because the maps did; a ControlNet that ignored
+    its maps would draw one face k times."""
+    c = conditions.index("flame") if "flame" in conditions else 0  # the map to show
+    renders = [
+        (s["maps"][3 * c : 3 * c + 3], [conditions[c]] if i == 0 else [], None)
+        for i, s in enumerate(shown)
+    ]
+    faces = [
+        (follow[i], ["same prompt and", "seed in each column"] if i == 0 else [], None)
+        for i in range(len(shown))
+    ]
+    targets = [(s["real"], ["target"] if i == 0 else [], None) for i, s in enumerate(shown)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image([renders, faces, targets], min_tile=128).save(path)
+    return path
+
+
 def grid_image(
     rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_tile: int = 256
 ) -> Image.Image:

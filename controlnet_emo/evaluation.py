@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .config import Config, load_config
 from .data.dataset import PreparedDataset, Record, collate, read_metadata
-from .eval_report import format_table, sample_row, write_outputs
+from .eval_report import format_table, sample_row, write_maps_sweep, write_outputs
 from .inference import load_pipeline, model_info
 from .map_reliance import map_reliance
 from .metrics import crop_landmarks, emotion_metrics, heatmap_landmarks, nme
@@ -50,6 +50,11 @@ PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class co
     },
     5: {"valence_ccc": 0.90, "arousal_ccc": 0.80, "expression_accuracy": 0.82},
 }
+NEUTRAL_PROMPT = "a close-up photo of a face"
+"""A prompt that names no expression and no hair colour: maps_sweep.png draws every sample
+with it and one seed, so that the maps are the only thing that differs across its row (the
+emotion ablation grades with it too: there the expression must come from the render)."""
+
 RANDOM_WARNING = (
     "EmoNet has RANDOM weights (model.emonet=random): every emotion and landmark "
     "figure here is meaningless; pass --emonet /path/to/emonet_8.pth"
@@ -304,6 +309,18 @@ def evaluate(
     out = Path(out) if out is not None else Path(run) / "eval"
     samples = [sample_row(i, r, prompts[i], read, labels) for i, r in enumerate(records)]
     written = write_outputs(out, metrics, samples, shown, read, labels, info.conditions)
+    if shown:
+        follow = generate_batch(
+            pipe,
+            info.mode,
+            torch.stack([s["maps"] for s in shown]),
+            prompts=[NEUTRAL_PROMPT] * len(shown),
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            controlnet_scale=controlnet_scale,
+        )
+        written.append(write_maps_sweep(out / "maps_sweep.png", shown, follow, info.conditions))
     print(format_table(metrics))
     print("wrote " + ", ".join(str(p) for p in written))
     return metrics

@@ -194,6 +194,11 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
     assert rows[2]["label"]["expression"] == "sad" and "nme" in rows[0]["generated"]
     with Image.open(out / "grid.png") as grid:  # rows: 3 maps | generated | target | no maps
         assert grid.size == (6 * 256, 3 * 256)
+    with Image.open(out / "maps_sweep.png") as sweep:  # renders | one prompt + seed | targets
+        assert sweep.size == (3 * 128, 3 * 128)
+        faces = np.asarray(sweep)[128:256]  # (128, 3*128, 3); text only on the first tile
+        # the prompt and noise are shared, so columns differ only because the maps do
+        assert not np.array_equal(faces[:, 128:256], faces[:, 256:])
     assert 0 <= m["generated"]["expression_top3_accuracy"] <= 1
     for picture in ("confusion.png", "valence_arousal.png"):
         with Image.open(out / picture) as im:

@@ -169,6 +169,8 @@ class TrainConfig:
     max_steps: int = 1000
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
+    """Recompute activations in backward: the UNet's and ControlNet's blocks, and the pixel
+    path's decoder and critics sample by sample. Off for small models, where memory is cheap."""
     compile: bool = False
     """torch.compile the UNet and ControlNet (static shapes): faster steps after a compile of
     a minute or more at start; worth it for long GPU runs."""

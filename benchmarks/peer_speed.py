@@ -217,7 +217,7 @@ def steady_rate(short_run: tuple, long_run: tuple, short: int, long: int, batch:
             f"({short_s:.1f} s): their start-up differed; rerun with more steps"
         )
     samples = (long - short) * batch
-    rate = samples / max(long_s - short_s, 1e-9)
+    rate = samples / (long_s - short_s)
     return dict(
         samples_per_s=round(rate, 2),
         samples_per_cpu_s=round(samples / max(long_cpu - short_cpu, 1e-9), 2),

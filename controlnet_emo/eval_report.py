@@ -113,18 +113,18 @@ def write_maps_sweep(
     The prompt and the noise are the same in every column, so whatever moves along the middle
     row (pose, position, mouth, brows) moved because the maps did; a ControlNet that ignored
     its maps would draw one face k times."""
+
+    def row(images, title: list[str]) -> list:  # the title on the first tile only
+        return [(img, title if i == 0 else [], None) for i, img in enumerate(images)]
+
     c = conditions.index("flame") if "flame" in conditions else 0  # the map to show
-    renders = [
-        (s["maps"][3 * c : 3 * c + 3], [conditions[c]] if i == 0 else [], None)
-        for i, s in enumerate(shown)
+    rows = [
+        row([s["maps"][3 * c : 3 * c + 3] for s in shown], [conditions[c]]),
+        row(follow, ["same prompt and", "seed in each column"]),
+        row([s["real"] for s in shown], ["target"]),
     ]
-    faces = [
-        (follow[i], ["same prompt and", "seed in each column"] if i == 0 else [], None)
-        for i in range(len(shown))
-    ]
-    targets = [(s["real"], ["target"] if i == 0 else [], None) for i, s in enumerate(shown)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image([renders, faces, targets], min_tile=128).save(path)
+    grid_image(rows, min_tile=128).save(path)
     return path
 
 

@@ -155,8 +155,9 @@ class PixelLosses(torch.nn.Module):
     target is one-hot for a label and the teacher's softmax otherwise (soft distillation: its
     minimum is the teacher's entropy, not 0).
 
-    Checkpointing ('full', the default): sample by sample, the decoder (with the SD VAE's
-    per-block checkpointing inside), LPIPS and EmoNet each run under their own checkpoint.
+    Checkpointing ('full', the default with ``train.gradient_checkpointing``, else 'none'):
+    sample by sample, the decoder (with the SD VAE's per-block checkpointing inside), LPIPS
+    and EmoNet each run under their own checkpoint.
     The forward keeps only each sample's x0 and decoded image; backward recomputes one
     sample's critic or decoder at a time, so the memory the pixel terms add is about one
     sample's largest piece whatever the batch, for one extra decoder and critic forward.
@@ -165,7 +166,7 @@ class PixelLosses(torch.nn.Module):
 
     EMOTION_TERMS = ("valence", "arousal", "expression")
 
-    def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str = "full"):
+    def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str | None = None):
         super().__init__()
         from .models.critics import load_decoder, load_lpips
         from .models.emonet import build_emonet
@@ -187,7 +188,11 @@ class PixelLosses(torch.nn.Module):
             else None
         )
         self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
-        self.set_checkpointing(checkpointing)
+        # Unless told otherwise, follow train.gradient_checkpointing like the UNet: recomputing
+        # the decoder and critics in backward buys memory a small model does not need (the
+        # demo's emotion step costs 1.4x with it on the CPU).
+        default = "full" if cfg.train.gradient_checkpointing else "none"
+        self.set_checkpointing(checkpointing or default)
 
     def set_checkpointing(self, mode: str) -> None:
         """'full' (per-sample, see the class doc), 'blocks' (the decoder's own) or 'none'."""

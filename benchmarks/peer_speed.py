@@ -16,8 +16,9 @@ script writes as parquet with the peer's interpreter (``--peer-python``; it need
 ``datasets`` package, which this project does not depend on).
 
 Prints one JSON object: ``ours``, ``peer``, ``ratio``, ``ours_cached`` (``data.cache_latents``
-on), ``ratio_cached``, the same rates per CPU second (``per_cpu_s``: steadier where other
-tenants load the machine), the start-up seconds of each and the load average around the runs;
+and ``data.cache_images`` on), ``ratio_cached``, the same rates per CPU second (``per_cpu_s``:
+steadier where other tenants load the machine), the start-up seconds of each and the load
+average around the runs;
 with ``--compile`` also ``ours_compiled`` / ``ours_cached_compiled`` (``train.compile``) and
 ``compiled_over_eager``, from ``logged``: the median samples/s our trainer wrote per step to
 ``metrics.jsonl`` (the wall-time difference mixes a compiled run's tracing into its rate).
@@ -129,6 +130,7 @@ def ours_command(
         "data.condition_dropout": 0,
         "data.hflip": "false",
         "data.cache_latents": str(cached).lower(),
+        "data.cache_images": str(cached).lower(),
         "loss.diffusion.weight": 1.0,
         "loss.diffusion.kind": "l2",
         "loss.diffusion.snr_gamma": "null",

@@ -1,9 +1,10 @@
-"""The text-embedding cache and the latent cache: faster steps, the same results."""
+"""The text-embedding, latent and decoded-image caches: faster steps, the same results."""
 
 import torch
 from safetensors.torch import load_file
 
 from controlnet_emo.config import load_config
+from controlnet_emo.data import dataset as dataset_module
 from controlnet_emo.data.dataset import PreparedDataset, collate, read_metadata
 from controlnet_emo.data.latent_cache import encode_moments
 from controlnet_emo.models.sd import load_sd
@@ -101,3 +102,21 @@ def test_training_on_the_latent_cache_with_flips(tmp_path, prepared):
     _run(tmp_path, prepared, "lat", **{"train.max_steps": 2, "data.cache_latents": True})
     cache = load_file(tmp_path / "lat" / "latent_cache" / "train-64-mirrored.safetensors")
     assert cache["moments"].shape[1] == 2
+
+
+def test_image_cache_gives_the_same_samples_and_decodes_each_file_once(prepared, monkeypatch):
+    cfg = load_config(DEMO_CONFIG, ["data.resolution=64"])
+    records = read_metadata(prepared, "train", cfg.conditions)[:3]
+    args = (prepared, records, cfg.conditions, 64, load_sd("tiny").tokenizer, "{expression}")
+    plain = PreparedDataset(*args, train=True, condition_dropout=0.3)
+    cached = PreparedDataset(*args, train=True, condition_dropout=0.3, cache_images=True)
+    reads = []
+    real_load = dataset_module.load_rgb
+    monkeypatch.setattr(dataset_module, "load_rgb", lambda p: reads.append(p) or real_load(p))
+    for key in range(12):  # four epochs of three samples, each with its own flips and dropout
+        a, b = plain[(key % 3, key)], cached[(key % 3, key)]
+        for name in ("pixel_values", "conditions", "input_ids"):
+            assert torch.equal(a[name], b[name]), name
+    files = 3 * (1 + len(cfg.conditions))
+    assert len(reads) == 12 * (1 + len(cfg.conditions)) + files  # uncached: every read
+    assert len(set(reads)) == files

@@ -36,6 +36,9 @@ def test_pretrain_base_runs_and_loads_like_a_hub_folder(tmp_path, capsys):
     assert (out / "samples.png").is_file()
     sd = load_sd(str(out / "model"))
     assert vae_scale_factor(sd.vae) == 4 and sd.unet.dtype == torch.float32  # fp16 on disk
+    # heads of 32 channels (diffusers reads attention_head_dim as a head count)
+    heads = {m.to_q.out_features // m.heads for m in sd.unet.modules() if hasattr(m, "to_q")}
+    assert heads == {32}
     text = "a close-up photo of a happy face"
     assert len(sd.tokenizer(text).input_ids) < len(text) // 2  # caption words, not bytes
 

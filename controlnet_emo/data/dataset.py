@@ -108,6 +108,7 @@ class PreparedDataset(Dataset):
         hflip: bool = True,
         latent_moments: torch.Tensor | None = None,
         load_target: bool = True,
+        cache_images: bool = False,
     ):
         if not records:
             raise ValueError(f"{root}: no samples for this split")
@@ -119,6 +120,9 @@ class PreparedDataset(Dataset):
         self.latent_moments = latent_moments
         self.load_target = load_target or latent_moments is None
         """False: skip decoding the target (cached latents and no pixel terms need none)."""
+        self.decoded: dict[str, torch.Tensor] | None = {} if cache_images else None
+        """Decoded images by file name (``data.cache_images``); nothing downstream writes
+        to them."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -144,7 +148,7 @@ class PreparedDataset(Dataset):
         rec = self.records[i]
         rng = np.random.default_rng([self.seed, key]) if self.train else None
         paths = [rec.file_name, *(rec.maps[c] for c in self.conditions)]
-        images = [load_rgb(self.root / p) for p in paths[1 - self.load_target :]]
+        images = [self._read(p) for p in paths[1 - self.load_target :]]
         if self.latent_moments is None:
             target, *maps = paired_transform(images, self.resolution, rng, self.hflip)
             orientation = 0
@@ -181,6 +185,13 @@ class PreparedDataset(Dataset):
             sample["latent_moments"] = self.latent_moments[i, orientation]  # (2C,h,w)
         return sample
 
+    def _read(self, file_name: str) -> torch.Tensor:
+        if self.decoded is None:
+            return load_rgb(self.root / file_name)
+        if file_name not in self.decoded:
+            self.decoded[file_name] = load_rgb(self.root / file_name)
+        return self.decoded[file_name]
+
     def _draw_flip(self, rng: np.random.Generator | None) -> bool:
         """A training flip, when flips are on and the cache has the mirrored moments."""
         mirrored = self.latent_moments is not None and self.latent_moments.shape[1] > 1
@@ -212,6 +223,7 @@ def dataset_from_config(
         hflip=d.hflip,
         latent_moments=latent_moments,
         load_target=load_target,
+        cache_images=d.cache_images and train,
     )
 
 

@@ -90,8 +90,9 @@ def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainB
     levels = len(cfg.model.vae_channels)
     if cfg.model.resolution % 2 ** (levels - 1) or min(cfg.n_train, cfg.n_held_out) < 1:
         raise ConfigError("model.resolution must divide by the VAE's downsampling; n_* >= 1")
-    if any(c % cfg.model.unet_head_channels for c in cfg.model.unet_channels):
-        raise ConfigError("model.unet_channels must divide by model.unet_head_channels")
+    head = cfg.model.unet_head_channels
+    if head < 1 or any(c % head for c in cfg.model.unet_channels):
+        raise ConfigError("model.unet_channels must divide by model.unet_head_channels (>= 1)")
     for key in ("vae.steps", "vae.batch_size", "unet.steps", "unet.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:

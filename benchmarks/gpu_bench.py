@@ -123,6 +123,31 @@ def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float 
     )
 
 
+def run_variant(
+    bench: Bench,
+    v: Variant,
+    compiled: bool,
+    backend: str,
+    batch: int,
+    cap: int,
+    steps: int,
+    peak: float | None,
+    largest: dict,
+    rows: list,
+) -> None:
+    """Measure one variant at ``batch`` and at the largest batch that fits; rows go to ``rows``."""
+    bench.set_compiled(compiled, backend)
+    if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
+        largest[v.name] = largest_batch(bench, v, batch, cap)
+    for label, b in {"batch": batch, "largest": largest[v.name]}.items():
+        if b < 1:
+            raise RuntimeError(f"{label}: batch {batch} does not fit")
+        row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
+        row.update(measure(bench, v, b, steps, peak))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64 px, fp32")
@@ -133,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=330.0, help="skip what starts later")
     p.add_argument("--peak-tflops", type=float, default=None, help="default: by GPU name")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="cap the GPU memory this process may take (80: an H100's, on a larger card)",
+    )
     return p.parse_args(argv)
 
 
@@ -147,8 +178,34 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 2 if dry else args.steps
     backend = "eager" if dry else "inductor"
     peak = peak_tflops(device, args.peak_tflops)
+    if args.memory_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows, skipped, largest = [], [], {}
+    result = dict(
+        rows=rows,
+        skipped=skipped,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        arch=arch,
+        resolution=resolution,
+        precision=str(dtype).removeprefix("torch."),
+        peak_tflops=peak,
+        memory_cap_gb=args.memory_gb if device.type == "cuda" else None,
+        dry_run=dry,
+        torch=torch.__version__,
+        wall_s=0.0,
+    )
+
+    def save() -> str:
+        """The JSON so far, also to ``--out``: a run killed at its time limit keeps its rows."""
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        text = json.dumps(result)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        return text
+
     with tempfile.TemporaryDirectory() as tmp:
         taesd = random_taesd(Path(tmp) / "taesd")
         bench = Bench(ARCHS[arch](), device, dtype, resolution)
@@ -161,34 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
             if time.perf_counter() - t_start > args.budget_s:
                 skipped.append(f"{v.name} compile={compiled}: over the time budget")
                 continue
-            bench.set_compiled(compiled, backend)
-            if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
-                largest[v.name] = largest_batch(bench, v, batch, cap)
-            for label, b in {"batch": batch, "largest": largest[v.name]}.items():
-                if b < 1:
-                    skipped.append(f"{v.name} {label}: batch {batch} does not fit")
-                    continue
-                row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
-                row.update(measure(bench, v, b, steps, peak))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    result = dict(
-        rows=rows,
-        skipped=skipped,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        arch=arch,
-        resolution=resolution,
-        precision=str(dtype).removeprefix("torch."),
-        peak_tflops=peak,
-        dry_run=dry,
-        torch=torch.__version__,
-        wall_s=round(time.perf_counter() - t_start, 1),
-    )
-    text = json.dumps(result)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text, flush=True)
+            try:
+                run_variant(bench, v, compiled, backend, batch, cap, steps, peak, largest, rows)
+            except Exception as err:  # one failing variant (a compiler error) keeps the others
+                skipped.append(f"{v.name} compile={compiled}: {type(err).__name__}: {err}"[:500])
+                print(skipped[-1], file=sys.stderr, flush=True)
+            save()
+    print(save(), flush=True)
     return result
 
 

@@ -323,10 +323,7 @@ class Bench:
             torch.cuda.synchronize()
 
     def build(self, variant: Variant, b: int) -> None:
-        variant.losses = PixelLosses(variant.cfg, self.vae).to(self.device)
-        for critic in (variant.losses.lpips, variant.losses.emonet):
-            if critic is not None:
-                critic.to(self.dtype)
+        variant.losses = PixelLosses(variant.cfg, self.vae).to(self.device).critics_to(self.dtype)
         if variant.losses.decoder is not None:
             variant.losses.decoder.to(self.dtype)
         variant.batch = b

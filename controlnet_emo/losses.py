@@ -135,6 +135,18 @@ def to_emonet_input(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     return x
 
 
+def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
+    """``module(*inputs)`` in the module's own dtype, outside any autocast.
+
+    Why: a frozen critic cast to bf16 / fp16 must run in that dtype end to end. Under autocast
+    some ops return fp32 (nearest upsampling in EmoNet's hourglass), and the next BatchNorm,
+    cast to bf16, then refuses its fp32 input. Gradients still flow to the inputs.
+    """
+    dtype = next(module.parameters()).dtype
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        return module(*(x.to(dtype) for x in inputs))
+
+
 class PixelLosses(torch.nn.Module):
     """Frozen critics + decoder; returns the unweighted pixel-space terms that are enabled.
 
@@ -274,14 +286,20 @@ class PixelLosses(torch.nn.Module):
                 out["expression"] = F.cross_entropy(expression, e_goal, reduction="none")
         return torch.stack([out[name] for name in self.terms], dim=1)  # (m, terms)
 
+    def critics_to(self, dtype: torch.dtype) -> PixelLosses:
+        """LPIPS and EmoNet in ``dtype``: frozen, like the VAE and text encoder, they run in the
+        training's weight dtype (the decoder already follows the VAE's)."""
+        for critic in (self.lpips, self.emonet):
+            if critic is not None:
+                critic.to(dtype)
+        return self
+
     def _lpips(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.lpips.parameters()).dtype
-        return self.lpips(image.to(dtype), reference.to(dtype)).flatten().float()  # (m,)
+        return frozen_forward(self.lpips, image, reference).flatten().float()  # (m,)
 
     def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,))."""
-        dtype = next(self.emonet.parameters()).dtype
-        pred = self.emonet(to_emonet_input(image).to(dtype))
+        pred = frozen_forward(self.emonet, to_emonet_input(image))
         return pred["expression"].float(), pred["valence"].float(), pred["arousal"].float()
 
     def _emotion_goals(
@@ -308,8 +326,7 @@ class PixelLosses(torch.nn.Module):
         missing = {"valence": valence.isnan(), "arousal": arousal.isnan(), "expression": ~known_e}
         if not any(bool(missing[t].any()) for t in self.terms if t in missing):
             return valence, arousal, onehot
-        dtype = next(self.emonet.parameters()).dtype
-        teacher = self.emonet(to_emonet_input(reference).to(dtype))
+        teacher = frozen_forward(self.emonet, to_emonet_input(reference))
         teacher = {k: v.float() for k, v in teacher.items()}
         return (
             torch.where(valence.isnan(), teacher["valence"], valence),

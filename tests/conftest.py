@@ -121,3 +121,13 @@ def random_fan_home(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.save(FAN(4).state_dict(), path)
     return home
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed precision per process; a test that picks its own resets it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

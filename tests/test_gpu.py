@@ -18,6 +18,7 @@ ALL_TERMS = {
     "loss.emotion.valence": 0.03,
     "loss.emotion.arousal": 0.03,
     "loss.emotion.expression": 0.02,
+    "loss.pixel.start_step": 0,
     "train.gradient_checkpointing": True,
     "train.max_steps": 3,
 }
@@ -25,7 +26,9 @@ ALL_TERMS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_logs_every_term(tmp_path, prepared, precision):
+def test_mixed_precision_training_logs_every_term(
+    tmp_path, prepared, precision, fresh_accelerator_state
+):
     assert torch.cuda.is_available()
     out = tmp_path / precision
     cfg = load_config(
@@ -37,3 +40,4 @@ def test_mixed_precision_training_logs_every_term(tmp_path, prepared, precision)
     for term in ("diffusion", "pixel_l1", "lpips", "valence", "arousal", "expression"):
         assert all(math.isfinite(r[f"loss/{term}"]) for r in rows), term
     assert (out / "controlnet.safetensors").is_file()
+    assert (out / "samples" / "step-3.png").is_file()  # sampled beside the bf16 / fp16 UNet

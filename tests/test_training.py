@@ -82,6 +82,20 @@ def test_run_folder_layout_and_metrics(tmp_path, prepared):
     assert load_config(out / "config.yaml").output_dir == str(out)
 
 
+def test_bf16_training_draws_its_validation_samples(tmp_path, prepared, fresh_accelerator_state):
+    """The fp32 ControlNet (accelerate returns its outputs in fp32) samples beside the bf16
+    UNet: validation used to stop a bf16 run at its first sample grid."""
+    out = run(
+        tmp_path,
+        prepared,
+        "bf16",
+        **{"train.mixed_precision": "bf16", "train.max_steps": 2, "train.validate_every": 2},
+    )
+    assert (out / "samples" / "step-2.png").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[-1]["val/loss"])
+
+
 def test_resume_continues_exactly(tmp_path, prepared):
     straight = run(tmp_path, prepared, "straight", **{"train.max_steps": 4})
     half = run(tmp_path, prepared, "half", **{"train.max_steps": 2})

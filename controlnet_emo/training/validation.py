@@ -6,10 +6,12 @@ comparable across steps; the grid rows are conditions | generated | target.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
@@ -62,8 +64,15 @@ def sample_grid(
     path: Path,
 ) -> Path:
     """Generate one image per validation sample and save the comparison grid as PNG."""
-    pipe = build_pipeline(m, controlnet)
     size = batch.pixel_values.shape[-1]
+    if m.weight_dtype != torch.float32:
+        # The ControlNet trains in fp32, and accelerate wraps its forward to return fp32, which
+        # the bf16 / fp16 UNet's norms refuse: sample with an unwrapped copy in the UNet's dtype,
+        # as inference will load it.
+        controlnet = copy.deepcopy(controlnet)
+        controlnet = extract_model_from_parallel(controlnet, keep_fp32_wrapper=False)
+        controlnet.to(m.weight_dtype)
+    pipe = build_pipeline(m, controlnet)
     rows = []
     for i, prompt in enumerate(prompts):
         cond = batch.conditions[i : i + 1].to(m.weight_dtype)  # (1,3N,H,W) in [0,1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
@@ -92,16 +94,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     cfg = load_config(args.config or REPO_CONFIGS / "demo.yaml", overrides)
-    prepare_demo_data(cfg, out / "raw", n=args.n, resolution=args.resolution, codes=args.codes)
-    train(cfg)
-    demo_infer_and_evaluate(cfg, out)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "data"):
+        prepare_demo_data(cfg, out / "raw", n=args.n, resolution=args.resolution, codes=args.codes)
+    with timed(seconds, "train"):
+        train(cfg)
+    with timed(seconds, "infer+evaluate"):
+        demo_infer_and_evaluate(cfg, out)
     if args.codes:
-        demo_edit(cfg, out)
+        with timed(seconds, "edit"):
+            demo_edit(cfg, out)
     print(
         f"demo finished: {out} (controlnet/, controlnet.safetensors, samples/, metrics.jsonl, "
         f"infer/, eval/{', edit/' if args.codes else ''})"
     )
+    print("demo time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return 0
+
+
+@contextmanager
+def timed(seconds: dict[str, float], name: str):
+    """Wall seconds of the block into ``seconds[name]``: the demo says where its time went."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - start
 
 
 DEMO_FACES, DEMO_RESOLUTION, DEMO_EVAL_SAMPLES = 400, 64, 32

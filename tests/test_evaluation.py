@@ -189,6 +189,7 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
     assert m["published_emonet_affectnet"]["expression_accuracy"] == 0.75
     rows = [json.loads(line) for line in (out / "per_sample.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == ["images/0.png", "images/1.png", "images/2.png"]
+    assert [r["seed"] for r in rows] == [0, 1, 2]  # row i is redrawn with infer --seed i
     assert rows[1]["prompt"] == "a photo of a happy face"
     assert rows[0]["prompt"] == "a photo of a neutral face"  # no text: the caption template
     assert rows[2]["label"]["expression"] == "sad" and "nme" in rows[0]["generated"]
@@ -279,9 +280,9 @@ def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
     maps = torch.rand(2, 9, 64, 64, generator=torch.Generator().manual_seed(3))
     prompts = ["a photo of a happy face", "a photo of a sad face"]
     draw = dict(seed=7, steps=2, guidance_scale=7.5)
-    batch = generate_batch(pipe, info.mode, maps, prompts, **draw)
+    batch = generate_batch(pipe, info.mode, maps, prompts, **(draw | {"seed": [7, 8]}))
     for i in range(2):
-        single = generate(pipe, info, maps[i], prompts[i], seed=7, steps=2)
+        single = generate(pipe, info, maps[i], prompts[i], seed=7 + i, steps=2)
         single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
         assert (batch[i] - single_t).abs().max() <= 2 / 255
     # evaluate --controlnet-scale draws what infer --controlnet-scale does, and it matters

@@ -123,31 +123,6 @@ def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float 
     )
 
 
-def run_variant(
-    bench: Bench,
-    v: Variant,
-    compiled: bool,
-    backend: str,
-    batch: int,
-    cap: int,
-    steps: int,
-    peak: float | None,
-    largest: dict,
-    rows: list,
-) -> None:
-    """Measure one variant at ``batch`` and at the largest batch that fits; rows go to ``rows``."""
-    bench.set_compiled(compiled, backend)
-    if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
-        largest[v.name] = largest_batch(bench, v, batch, cap)
-    for label, b in {"batch": batch, "largest": largest[v.name]}.items():
-        if b < 1:
-            raise RuntimeError(f"{label}: batch {batch} does not fit")
-        row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
-        row.update(measure(bench, v, b, steps, peak))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64 px, fp32")
@@ -219,7 +194,16 @@ def main(argv: list[str] | None = None) -> dict:
                 skipped.append(f"{v.name} compile={compiled}: over the time budget")
                 continue
             try:
-                run_variant(bench, v, compiled, backend, batch, cap, steps, peak, largest, rows)
+                bench.set_compiled(compiled, backend)
+                if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
+                    largest[v.name] = largest_batch(bench, v, batch, cap)
+                for label, b in {"batch": batch, "largest": largest[v.name]}.items():
+                    if b < 1:
+                        raise RuntimeError(f"{label}: batch {batch} does not fit")
+                    row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
+                    row.update(measure(bench, v, b, steps, peak))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
             except Exception as err:  # one failing variant (a compiler error) keeps the others
                 skipped.append(f"{v.name} compile={compiled}: {type(err).__name__}: {err}"[:500])
                 print(skipped[-1], file=sys.stderr, flush=True)

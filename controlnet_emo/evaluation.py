@@ -88,6 +88,11 @@ def read_faces(emonet: torch.nn.Module, images: Tensor) -> dict[str, Tensor]:
     }
 
 
+def row_seed(seed: int, i: int) -> int:
+    """The noise seed of the split's i-th evaluated sample (and of its no-maps baseline)."""
+    return seed + i
+
+
 def generate_batch(
     pipe: Any,
     mode: str,
@@ -164,7 +169,7 @@ def generate_and_read(
         batch = collate([ds[i] for i in range(start, stop)])
         draw = dict(
             prompts=prompts[start:stop],
-            seed=[seed + i for i in range(start, stop)],  # N noise draws, not one
+            seed=[row_seed(seed, i) for i in range(start, stop)],  # N noise draws, not one
             steps=steps,
             guidance_scale=guidance_scale,
             controlnet_scale=controlnet_scale,
@@ -314,7 +319,7 @@ def evaluate(
     } | score(read, labels, critic.n_expression)
     out = Path(out) if out is not None else Path(run) / "eval"
     samples = [
-        sample_row(i, r, prompts[i], read, labels) | {"seed": seed + i}
+        sample_row(i, r, prompts[i], read, labels) | {"seed": row_seed(seed, i)}
         for i, r in enumerate(records)
     ]
     written = write_outputs(out, metrics, samples, shown, read, labels, info.conditions)

@@ -3,8 +3,10 @@
 #   1. every GPU-marked test under tests/ (mixed-precision training with every term on, the
 #      CUDA render against the CPU one),
 #   2. benchmarks/gpu_bench.py: train-step samples/s, peak memory and MFU at 512 px in bf16
-#      with SD 1.5 shapes, latent_only / fast / research, batch 8 and the largest that fits (up to 64),
-#      compile off and on, memory capped at 80 GB (an H100's) so the largest batch answers for it.
+#      with SD 1.5 shapes, latent_only / fast / research, batch 8 and the largest that fits
+#      (up to 32), eager; a profile of one research micro-step (the ops with the most GPU
+#      time); then latent_only compiled (inductor needs over 2 minutes for UNet + ControlNet);
+#      memory capped at 80 GB (an H100's) so the largest batch answers for it.
 # Results land in $OUT (default benchmarks/out): gpu_tests.txt and gpu_bench.json.
 #   benchmarks/gpu.sh            # on the GPU machine
 #   benchmarks/gpu.sh --dry-run  # the same code on the CPU, tiny shapes, under 3 minutes
@@ -24,7 +26,8 @@ timeout 150 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider \
 tail -n 3 "$OUT/gpu_tests.txt"
 # What is left of the 8 minutes, less a minute of margin, is the benchmark's budget.
 budget=$(( 420 - (SECONDS - start) - 60 ))
-timeout $(( budget + 60 )) "$PY" benchmarks/gpu_bench.py "${DRY[@]}" --budget-s "$budget" --memory-gb 80 --max-batch-cap 64 \
+timeout $(( budget + 60 )) "$PY" benchmarks/gpu_bench.py "${DRY[@]}" --budget-s "$budget" --memory-gb 80 --max-batch-cap 32 \
+  --variants latent_only,fast,research --compile-variants latent_only --profile research \
   --out "$OUT/gpu_bench.json" >"$OUT/gpu_bench.log" 2>&1
 tail -n 1 "$OUT/gpu_bench.json"
 echo "gpu.sh: done in $(( SECONDS - start )) s"

@@ -17,7 +17,8 @@ A time budget (``--budget-s``) skips what would not finish, and says so in the J
 ``--dry-run`` runs the same code on the CPU with the tiny model at 64 px in fp32 (batch 2,
 the largest-batch search capped at 4, 2 timed steps, compile with the ``eager`` backend:
 dynamo's tracing without code generation). The ``fast`` variant decodes its recipe's fixed
-count per micro-batch (capped by the batch), at every batch size.
+count per micro-batch (capped by the batch), at every batch size. ``--profile VARIANT``
+adds the ops with the most device time in one of its micro-steps (``profile`` in the JSON).
 """
 
 from __future__ import annotations
@@ -123,10 +124,44 @@ def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float 
     )
 
 
+def profile_step(bench: Bench, variant: Variant, batch: int, top: int = 15) -> list[dict]:
+    """Where one warm micro-step's time goes: the ops with the most self device time (CPU
+    time on a dry run), so the next speed-up starts from a measurement."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    variant.batch = batch
+    bench.micro_step(variant.cfg, variant.losses, batch)  # warm: allocator, cuDNN autotuning
+    sync(bench.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        bench.micro_step(variant.cfg, variant.losses, batch)
+        sync(bench.device)
+    bench.optimizer.zero_grad(set_to_none=False)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [
+        dict(
+            op=e.key,
+            ms=round(getattr(e, key) / 1e3, 2),
+            share=round(getattr(e, key) / total, 3),
+            calls=e.count,
+        )
+        for e in events[:top]
+    ]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64 px, fp32")
     p.add_argument("--variants", default="latent_only,fast,research")
+    p.add_argument(
+        "--compile-variants", default=None, help="those also timed compiled (default: all)"
+    )
+    p.add_argument(
+        "--profile", default=None, help="a variant whose micro-step is profiled at --batch"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-batch-cap", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
@@ -157,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    compiled_names = names if args.compile_variants is None else args.compile_variants.split(",")
     rows, skipped, largest = [], [], {}
     result = dict(
         rows=rows,
@@ -188,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         for v in variants:
             bench.build(v, batch)
             v.losses.set_checkpointing(v.checkpointing)
-        plan = [(v, c) for c in (False, True) for v in variants]  # eager first: the must-have
+        plan = [(v, False) for v in variants]  # eager first: the must-have
+        plan += [(v, True) for v in variants if v.name in compiled_names]
+        profiled = [v for v in variants if v.name == args.profile]
         for v, compiled in plan:
             if time.perf_counter() - t_start > args.budget_s:
                 skipped.append(f"{v.name} compile={compiled}: over the time budget")
@@ -208,6 +246,17 @@ def main(argv: list[str] | None = None) -> dict:
                 skipped.append(f"{v.name} compile={compiled}: {type(err).__name__}: {err}"[:500])
                 print(skipped[-1], file=sys.stderr, flush=True)
             save()
+            if profiled and v is variants[-1] and not compiled:  # after the eager rows
+                bench.set_compiled(False)
+                try:
+                    result["profile"] = dict(
+                        variant=args.profile,
+                        batch=batch,
+                        ops=profile_step(bench, profiled[0], batch),
+                    )
+                except Exception as err:
+                    skipped.append(f"profile {args.profile}: {type(err).__name__}: {err}"[:500])
+                save()
     print(save(), flush=True)
     return result
 

@@ -135,12 +135,16 @@ class LossConfig:
     pixel_l1: WeightConfig = field(default_factory=WeightConfig)
     lpips: WeightConfig = field(default_factory=lambda: WeightConfig(0.08))
     emotion: EmotionLossConfig = field(default_factory=EmotionLossConfig)
+    landmarks: WeightConfig = field(default_factory=WeightConfig)
+    """The critic's 68 landmarks on the decoded prediction against its landmarks on the real
+    image (mean L1 of soft-argmax positions, in fractions of the face crop): a reward for
+    following the render's geometry (ControlNet++'s consistency loss, with the critic's
+    landmark heads as the condition extractor). 0 = off."""
     pixel: PixelSelectConfig = field(default_factory=PixelSelectConfig)
 
     @property
     def needs_decoder(self) -> bool:
-        e = self.emotion
-        return max(self.pixel_l1.weight, self.lpips.weight, e.valence, e.arousal, e.expression) > 0
+        return any(w > 0 for term, w in self.weights().items() if term != "diffusion")
 
     def weights(self) -> dict[str, float]:
         """Flat term -> weight map (what metrics and model metadata report)."""
@@ -152,6 +156,7 @@ class LossConfig:
             "valence": e.valence,
             "arousal": e.arousal,
             "expression": e.expression,
+            "landmarks": self.landmarks.weight,
         }
 
 

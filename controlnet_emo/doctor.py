@@ -343,8 +343,8 @@ def check_emonet(cfg: Config) -> list[Row]:
     from .models.shipped import shipped_path
 
     spec, name, e = cfg.model.emonet, "emotion critic", cfg.loss.emotion
-    if max(e.valence, e.arousal, e.expression) <= 0:
-        return [Row("ok", name, "not needed (every emotion weight is 0)")]
+    if max(e.valence, e.arousal, e.expression, cfg.loss.landmarks.weight) <= 0:
+        return [Row("ok", name, "not needed (every emotion and landmark weight is 0)")]
     if spec == "random":
         return [Row("warn", name, "random EmoNet (model.emonet=random): emotion terms are noise")]
     try:

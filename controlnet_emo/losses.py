@@ -135,6 +135,25 @@ def to_emonet_input(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     return x
 
 
+def soft_landmarks(heatmap: torch.Tensor) -> torch.Tensor:
+    """(B,K,h,w) heatmaps -> (B,K,2) expected (x, y) in fractions of the grid, differentiable.
+
+    Why soft: the argmax that ``metrics.heatmap_landmarks`` reads sends no gradient. Negative
+    heatmap values are dropped, so EmoNet's unnormalised heatmaps and the shipped critics'
+    softmax ones both become a distribution over the grid.
+    """
+    b, k, h, w = heatmap.shape
+    weight = heatmap.float().clamp(min=0).flatten(2)  # (B,K,h*w)
+    weight = weight / weight.sum(dim=2, keepdim=True).clamp(min=1e-12)
+    ys, xs = torch.meshgrid(
+        (torch.arange(h, device=heatmap.device) + 0.5) / h,
+        (torch.arange(w, device=heatmap.device) + 0.5) / w,
+        indexing="ij",
+    )
+    grid = torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (h*w, 2)
+    return weight @ grid  # (B,K,2)
+
+
 def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
     """``module(*inputs)`` in the module's own dtype, outside any autocast.
 
@@ -157,7 +176,9 @@ class PixelLosses(torch.nn.Module):
     - ``pixel_l1``: mean |img_hat - ref| in [-1,1] (per image, never batch-normalised);
     - ``lpips``: LPIPS(img_hat, ref), inputs in [-1,1];
     - ``valence``, ``arousal``: |EmoNet(img_hat) - target|;
-    - ``expression``: cross-entropy of EmoNet(img_hat)'s logits against a target distribution.
+    - ``expression``: cross-entropy of EmoNet(img_hat)'s logits against a target distribution;
+    - ``landmarks``: mean L1 between EmoNet's soft-argmax landmarks on img_hat and on ref
+      (fractions of the crop): the render's geometry, read back off the prediction.
 
     ``ref`` is the real image for the SD VAE decoder and the decoder's own decoding of the real
     latent for TAESD (so its bias cancels). Emotion targets: with ``target: labels`` a sample's
@@ -173,10 +194,12 @@ class PixelLosses(torch.nn.Module):
     The forward keeps only each sample's x0 and decoded image; backward recomputes one
     sample's critic or decoder at a time, so the memory the pixel terms add is about one
     sample's largest piece whatever the batch, for one extra decoder and critic forward.
+    Chunks of 8 samples were no faster on an H200 (BENCHMARKS.md, "GPU benchmark").
     'blocks' is the decoder's own checkpointing alone, 'none' keeps everything.
     """
 
     EMOTION_TERMS = ("valence", "arousal", "expression")
+    CRITIC_TERMS = (*EMOTION_TERMS, "landmarks")  # the terms EmoNet reads
 
     def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str | None = None):
         super().__init__()
@@ -196,7 +219,7 @@ class PixelLosses(torch.nn.Module):
         )
         self.emonet = (
             build_emonet(cfg.model.emonet)
-            if any(t in self.terms for t in self.EMOTION_TERMS)
+            if any(t in self.terms for t in self.CRITIC_TERMS)
             else None
         )
         self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
@@ -250,7 +273,9 @@ class PixelLosses(torch.nn.Module):
             values = torch.cat(
                 [
                     self._sample_terms(
-                        x0[i : i + 1], reference[i : i + 1], *(g[i : i + 1] for g in goals)
+                        x0[i : i + 1],
+                        reference[i : i + 1],
+                        *(g if g is None else g[i : i + 1] for g in goals),
                     )
                     for i in range(x0.shape[0])
                 ]
@@ -276,31 +301,41 @@ class PixelLosses(torch.nn.Module):
         if self.lpips is not None:
             out["lpips"] = self._checkpointed(self._lpips, image, reference)
         if self.emonet is not None:
-            expression, valence, arousal = self._checkpointed(self._emonet, image)
-            v_goal, a_goal, e_goal = goals
+            expression, valence, arousal, points = self._checkpointed(self._emonet, image)
+            v_goal, a_goal, e_goal, p_goal = goals
             if "valence" in self.terms:
                 out["valence"] = (valence - v_goal).abs()
             if "arousal" in self.terms:
                 out["arousal"] = (arousal - a_goal).abs()
             if "expression" in self.terms:
                 out["expression"] = F.cross_entropy(expression, e_goal, reduction="none")
+            if "landmarks" in self.terms:
+                out["landmarks"] = (points - p_goal).abs().mean(dim=(1, 2))
         return torch.stack([out[name] for name in self.terms], dim=1)  # (m, terms)
 
-    def critics_to(self, dtype: torch.dtype) -> PixelLosses:
+    def critics_to(self, dtype: torch.dtype, channels_last: bool = False) -> PixelLosses:
         """LPIPS and EmoNet in ``dtype``: frozen, like the VAE and text encoder, they run in the
-        training's weight dtype (the decoder already follows the VAE's)."""
+        training's weight dtype (the decoder already follows the VAE's); ``channels_last`` on a
+        GPU, like the UNet (cuDNN's NHWC kernels)."""
+        layout = torch.channels_last if channels_last else torch.preserve_format
         for critic in (self.lpips, self.emonet):
             if critic is not None:
-                critic.to(dtype)
+                critic.to(dtype=dtype, memory_format=layout)
         return self
 
     def _lpips(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return frozen_forward(self.lpips, image, reference).flatten().float()  # (m,)
 
-    def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,))."""
+    def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,),
+        soft landmarks (m,68,2))."""
         pred = frozen_forward(self.emonet, to_emonet_input(image))
-        return pred["expression"].float(), pred["valence"].float(), pred["arousal"].float()
+        return (
+            pred["expression"].float(),
+            pred["valence"].float(),
+            pred["arousal"].float(),
+            soft_landmarks(pred["heatmap"]),
+        )
 
     def _emotion_goals(
         self,
@@ -309,8 +344,10 @@ class PixelLosses(torch.nn.Module):
         valence: torch.Tensor,
         arousal: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        """(valence (n,), arousal (n,), expression distribution (n,C)): labels where known,
-        EmoNet on the reference where not (or always, with ``target: teacher``)."""
+        """(valence (n,), arousal (n,), expression distribution (n,C), landmarks (n,68,2) or
+        None): labels where known, EmoNet on the reference where not (or always, with
+        ``target: teacher``); the landmarks always EmoNet's own on the reference, so that the
+        soft-argmax's bias cancels."""
         if self.emonet is None:
             return ()
         device, classes = reference.device, self.emonet.n_expression
@@ -324,12 +361,15 @@ class PixelLosses(torch.nn.Module):
             arousal = torch.full_like(arousal, float("nan"))
         onehot = F.one_hot(expression.clamp(0, classes - 1), classes).float()  # (n,C)
         missing = {"valence": valence.isnan(), "arousal": arousal.isnan(), "expression": ~known_e}
-        if not any(bool(missing[t].any()) for t in self.terms if t in missing):
-            return valence, arousal, onehot
+        asks_teacher = "landmarks" in self.terms or any(
+            bool(missing[t].any()) for t in self.terms if t in missing
+        )
+        if not asks_teacher:
+            return valence, arousal, onehot, None
         teacher = frozen_forward(self.emonet, to_emonet_input(reference))
-        teacher = {k: v.float() for k, v in teacher.items()}
         return (
-            torch.where(valence.isnan(), teacher["valence"], valence),
-            torch.where(arousal.isnan(), teacher["arousal"], arousal),
-            torch.where(known_e[:, None], onehot, teacher["expression"].softmax(dim=1)),
+            torch.where(valence.isnan(), teacher["valence"].float(), valence),
+            torch.where(arousal.isnan(), teacher["arousal"].float(), arousal),
+            torch.where(known_e[:, None], onehot, teacher["expression"].float().softmax(dim=1)),
+            soft_landmarks(teacher["heatmap"]),
         )

@@ -17,6 +17,7 @@ from controlnet_emo.losses import (
     min_snr_weights,
     predict_x0,
     select_pixel_samples,
+    soft_landmarks,
     to_emonet_input,
 )
 
@@ -30,6 +31,7 @@ OFF = {
     "loss.emotion.valence": 0,
     "loss.emotion.arousal": 0,
     "loss.emotion.expression": 0,
+    "loss.landmarks.weight": 0,
 }
 
 
@@ -308,6 +310,32 @@ def test_teacher_target_is_zero_for_a_perfect_prediction(tiny_sd):
     assert terms["arousal"].item() == pytest.approx(0.0, abs=1e-3)
 
 
+def test_soft_landmarks_find_each_peak():
+    """A sharp peak per landmark at a known cell reads as that cell's centre (in fractions)."""
+    heatmap = torch.full((1, 2, 64, 64), -1.0)  # negative background: ignored
+    heatmap[0, 0, 10, 40] = 5.0  # landmark 0 at row 10, column 40
+    heatmap[0, 1, 63, 0] = 1.0
+    points = soft_landmarks(heatmap)
+    assert points[0, 0].tolist() == pytest.approx([40.5 / 64, 10.5 / 64])
+    assert points[0, 1].tolist() == pytest.approx([0.5 / 64, 63.5 / 64])
+
+
+def test_landmark_term_is_zero_on_the_reference_and_grows_with_a_shift(tiny_sd):
+    """The term reads the critic's landmarks on the prediction against those on the real image:
+    nothing when the prediction decodes to the real image, more when the face moves."""
+    cfg = _cfg(loss__landmarks__weight=1)
+    losses = PixelLosses(cfg, tiny_sd.vae)
+    assert losses.terms == ("landmarks",) and losses.emonet is not None
+    batch = _batch(tiny_sd)
+    with torch.no_grad():
+        batch["pixel_values"] = losses.decoder(batch["latents"])
+        same = losses(**batch)["landmarks"].item()
+        batch["pixel_values"] = batch["pixel_values"].roll(16, dims=-1)  # a quarter-width move
+        moved = losses(**batch)["landmarks"].item()
+    assert same == pytest.approx(0.0, abs=1e-5)
+    assert moved > same + 1e-3
+
+
 def test_emotion_gradient_reaches_the_controlnet(tiny_sd):
     sd = tiny_sd
     torch.manual_seed(0)
@@ -323,6 +351,7 @@ def test_emotion_gradient_reaches_the_controlnet(tiny_sd):
         loss__emotion__valence=0.03,
         loss__emotion__arousal=0.03,
         loss__emotion__expression=0.02,
+        loss__landmarks__weight=0.02,
         loss__pixel__samples_per_batch=1,
     )
     losses = PixelLosses(cfg, sd.vae)
@@ -347,7 +376,7 @@ def test_emotion_gradient_reaches_the_controlnet(tiny_sd):
         noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
     ).sample
     terms = losses(**batch)
-    assert set(terms) == {"valence", "arousal", "expression"}
+    assert set(terms) == {"valence", "arousal", "expression", "landmarks"}
     weights = cfg.loss.weights()
     sum(weights[k] * v for k, v in terms.items()).backward()
     grad = controlnet.controlnet_cond_embedding.conv_in.weight.grad
@@ -373,6 +402,7 @@ def test_research_recipe_parses_as_the_research():
         "valence": 0.03,
         "arousal": 0.03,
         "expression": 0.02,
+        "landmarks": 0.0,
     }
     assert (cfg.loss.diffusion.kind, cfg.loss.diffusion.snr_gamma) == ("l1", 0.8)
     assert cfg.loss.pixel.max_timestep == 1000 and cfg.loss.pixel.samples_per_batch is None

@@ -175,7 +175,10 @@ class LatentDecoder(nn.Module):
         param = next(self.autoencoder.parameters())
         z = latents / self.scaling_factor + self.shift_factor
         z = z.to(param.dtype)  # decode in the training precision the loop cast the VAE to
-        return self.autoencoder.decode(z).sample
+        # In that dtype end to end, even under a caller's autocast: autocast runs each
+        # GroupNorm in fp32, and at 512 px those upcasts cost more than the convolutions.
+        with torch.autocast(z.device.type, enabled=False):
+            return self.autoencoder.decode(z).sample
 
 
 def load_decoder(

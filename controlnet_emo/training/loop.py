@@ -286,7 +286,11 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
     if cfg.loss.needs_decoder:
         from ..losses import PixelLosses
 
-        pixel = PixelLosses(cfg, sd.vae).to(device).critics_to(weight_dtype)
+        pixel = (
+            PixelLosses(cfg, sd.vae)
+            .to(device)
+            .critics_to(weight_dtype, channels_last=device.type == "cuda")
+        )
     params = [*controlnet.parameters(), *unet_params]  # before compile wraps the modules
     if cfg.train.compile:
         sd.unet = torch.compile(sd.unet, dynamic=False)

@@ -5,9 +5,11 @@ identical but for the loss:
 
   diffusion        the diffusion term alone
   +emotion         plus valence / arousal / expression read by ``demo-critic-train``
-  +emotion+l1      plus pixel L1 on the decoded prediction (configs/demo.yaml's recipe)
-  +emotion+l1+balance  the same, with those terms' pull on the noise prediction capped at
-                   half the diffusion term's (``loss.pixel.balance``)
+  +emotion+l1      plus pixel L1 on the decoded prediction
+  +emotion+l1+landmarks  plus the landmark term (configs/demo.yaml's recipe)
+  +emotion+l1+balance  the demo's recipe, with the pixel, emotion and landmark terms' pull
+                   on the noise prediction capped at half the diffusion term's
+                   (``loss.pixel.balance``)
 
 each graded by the *held-out* critic (``demo-critic-eval``: another seed, faces and trunk) on
 the same held-out samples and seeds, twice: with the samples' captions (which name the
@@ -38,9 +40,11 @@ VARIANTS = {
         "loss.emotion.valence=0",
         "loss.emotion.arousal=0",
         "loss.emotion.expression=0",
+        "loss.landmarks.weight=0",
     ],
-    "+emotion": ["loss.pixel_l1.weight=0"],
-    "+emotion+l1": [],
+    "+emotion": ["loss.pixel_l1.weight=0", "loss.landmarks.weight=0"],
+    "+emotion+l1": ["loss.landmarks.weight=0"],
+    "+emotion+l1+landmarks": [],
     "+emotion+l1+balance": ["loss.pixel.balance=0.5"],
 }
 COLUMNS = (

@@ -140,7 +140,10 @@ def profile_step(bench: Bench, variant: Variant, batch: int, top: int = 15) -> l
     bench.optimizer.zero_grad(set_to_none=False)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1.0
+    # On CUDA both an op and the kernels it launched carry its device time: the share is of
+    # the kernels' total, the step's real device time, so an op's and its kernels' agree.
+    timed = [e for e in events if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, key) for e in timed) or 1.0
     return [
         dict(
             op=e.key,

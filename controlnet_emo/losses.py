@@ -346,8 +346,8 @@ class PixelLosses(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """(valence (n,), arousal (n,), expression distribution (n,C), landmarks (n,68,2) or
         None): labels where known, EmoNet on the reference where not (or always, with
-        ``target: teacher``); the landmarks always EmoNet's own on the reference, so that the
-        soft-argmax's bias cancels."""
+        ``target: teacher``); the landmarks always EmoNet's own on the reference, read by the
+        same soft-argmax as the prediction's (recorded landmarks would leave its bias in)."""
         if self.emonet is None:
             return ()
         device, classes = reference.device, self.emonet.n_expression

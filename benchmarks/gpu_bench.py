@@ -227,38 +227,34 @@ def main(argv: list[str] | None = None) -> dict:
         for v in variants:
             bench.build(v, batch)
             v.losses.set_checkpointing(v.checkpointing)
-        plan = [(v, False) for v in variants]  # eager first: the must-have
-        plan += [(v, True) for v in variants if v.name in compiled_names]
-        profiled = [v for v in variants if v.name == args.profile]
-        for v, compiled in plan:
+        plan = [(v, "eager") for v in variants]  # eager first: the must-have
+        plan += [(v, "profile") for v in variants if v.name == args.profile]
+        plan += [(v, "compiled") for v in variants if v.name in compiled_names]
+        for v, mode in plan:
             if time.perf_counter() - t_start > args.budget_s:
-                skipped.append(f"{v.name} compile={compiled}: over the time budget")
+                skipped.append(f"{v.name} {mode}: over the time budget")
                 continue
             try:
-                bench.set_compiled(compiled, backend)
+                bench.set_compiled(mode == "compiled", backend)
+                if mode == "profile":
+                    ops = profile_step(bench, v, batch)
+                    result["profile"] = dict(variant=v.name, batch=batch, ops=ops)
+                    continue
                 if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
                     largest[v.name] = largest_batch(bench, v, batch, cap)
                 for label, b in {"batch": batch, "largest": largest[v.name]}.items():
                     if b < 1:
                         raise RuntimeError(f"{label}: batch {batch} does not fit")
-                    row = dict(variant=v.name, compile=compiled, batch=b, batch_kind=label)
+                    row = dict(
+                        variant=v.name, compile=mode == "compiled", batch=b, batch_kind=label
+                    )
                     row.update(measure(bench, v, b, steps, peak))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             except Exception as err:  # one failing variant (a compiler error) keeps the others
-                skipped.append(f"{v.name} compile={compiled}: {type(err).__name__}: {err}"[:500])
+                skipped.append(f"{v.name} {mode}: {type(err).__name__}: {err}"[:500])
                 print(skipped[-1], file=sys.stderr, flush=True)
-            save()
-            if profiled and v is variants[-1] and not compiled:  # after the eager rows
-                bench.set_compiled(False)
-                try:
-                    result["profile"] = dict(
-                        variant=args.profile,
-                        batch=batch,
-                        ops=profile_step(bench, profiled[0], batch),
-                    )
-                except Exception as err:
-                    skipped.append(f"profile {args.profile}: {type(err).__name__}: {err}"[:500])
+            finally:
                 save()
     print(save(), flush=True)
     return result

@@ -264,9 +264,9 @@ class Bench:
         )
         noisy = sched.add_noise(latents, noise, t)
         # As in the trainer: autocast wraps only the trained ControlNet (accelerate's prepare
-        # does that); the frozen UNet, decoder and critics run in their own dtype, where
-        # autocast would run every GroupNorm in fp32 (on an H200 at 512 px, the upcasts and
-        # fp32 GroupNorms were ~45 % of the research step).
+        # does that); the frozen UNet, decoder and critics run in their own dtype. Under
+        # autocast every GroupNorm would run in fp32 with a cast each way (BENCHMARKS.md,
+        # "GPU benchmark": the profile of the research step).
         autocast = torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         )

@@ -142,9 +142,25 @@ class LossConfig:
     landmark heads as the condition extractor). 0 = off."""
     pixel: PixelSelectConfig = field(default_factory=PixelSelectConfig)
 
+    KEYS = {  # term -> its dotted config key (what an error message names)
+        "diffusion": "loss.diffusion.weight",
+        "pixel_l1": "loss.pixel_l1.weight",
+        "lpips": "loss.lpips.weight",
+        "valence": "loss.emotion.valence",
+        "arousal": "loss.emotion.arousal",
+        "expression": "loss.emotion.expression",
+        "landmarks": "loss.landmarks.weight",
+    }
+    CRITIC_TERMS = ("valence", "arousal", "expression", "landmarks")
+    """The terms the emotion critic (EmoNet or a face critic) reads off the prediction."""
+
     @property
     def needs_decoder(self) -> bool:
         return any(w > 0 for term, w in self.weights().items() if term != "diffusion")
+
+    @property
+    def needs_critic(self) -> bool:
+        return any(self.weights()[term] > 0 for term in self.CRITIC_TERMS)
 
     def weights(self) -> dict[str, float]:
         """Flat term -> weight map (what metrics and model metadata report)."""
@@ -391,9 +407,9 @@ def validate(cfg: Config) -> None:
             )
     if len(set(cfg.conditions)) != len(cfg.conditions):
         raise ConfigError("conditions: a condition is listed twice")
-    for key, weight in _weight_keys(cfg).items():
+    for term, weight in cfg.loss.weights().items():
         if weight < 0:
-            raise ConfigError(f"{key}: weight must be >= 0, got {weight}")
+            raise ConfigError(f"{LossConfig.KEYS[term]}: weight must be >= 0, got {weight}")
     if sum(cfg.loss.weights().values()) <= 0:
         raise ConfigError("loss: every term has weight 0; nothing would be trained")
     if cfg.loss.diffusion.snr_gamma is not None and cfg.loss.diffusion.snr_gamma <= 0:
@@ -447,18 +463,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.resume: {cfg.train.resume} is not 'latest' or a checkpoint folder"
         )
-
-
-def _weight_keys(cfg: Config) -> dict[str, float]:
-    e = cfg.loss.emotion
-    return {
-        "loss.diffusion.weight": cfg.loss.diffusion.weight,
-        "loss.pixel_l1.weight": cfg.loss.pixel_l1.weight,
-        "loss.lpips.weight": cfg.loss.lpips.weight,
-        "loss.emotion.valence": e.valence,
-        "loss.emotion.arousal": e.arousal,
-        "loss.emotion.expression": e.expression,
-    }
 
 
 def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:

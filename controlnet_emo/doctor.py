@@ -342,8 +342,8 @@ def check_emonet(cfg: Config) -> list[Row]:
     from .models.face_critic import CONFIG_NAME, WEIGHTS_NAME, is_face_critic_folder
     from .models.shipped import shipped_path
 
-    spec, name, e = cfg.model.emonet, "emotion critic", cfg.loss.emotion
-    if max(e.valence, e.arousal, e.expression, cfg.loss.landmarks.weight) <= 0:
+    spec, name = cfg.model.emonet, "emotion critic"
+    if not cfg.loss.needs_critic:
         return [Row("ok", name, "not needed (every emotion and landmark weight is 0)")]
     if spec == "random":
         return [Row("warn", name, "random EmoNet (model.emonet=random): emotion terms are noise")]

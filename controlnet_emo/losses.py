@@ -198,9 +198,6 @@ class PixelLosses(torch.nn.Module):
     'blocks' is the decoder's own checkpointing alone, 'none' keeps everything.
     """
 
-    EMOTION_TERMS = ("valence", "arousal", "expression")
-    CRITIC_TERMS = (*EMOTION_TERMS, "landmarks")  # the terms EmoNet reads
-
     def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str | None = None):
         super().__init__()
         from .models.critics import load_decoder, load_lpips
@@ -217,11 +214,7 @@ class PixelLosses(torch.nn.Module):
             if "lpips" in self.terms
             else None
         )
-        self.emonet = (
-            build_emonet(cfg.model.emonet)
-            if any(t in self.terms for t in self.CRITIC_TERMS)
-            else None
-        )
+        self.emonet = build_emonet(cfg.model.emonet) if cfg.loss.needs_critic else None
         self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
         # Unless told otherwise, follow train.gradient_checkpointing like the UNet: recomputing
         # the decoder and critics in backward buys memory a small model does not need (the

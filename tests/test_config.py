@@ -54,6 +54,7 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
         ("data.condition_dropout=1.5", "data.condition_dropout"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
         ("loss.pixel.balance=0", "loss.pixel.balance"),
+        ("loss.landmarks.weight=-1", "loss.landmarks.weight"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -175,8 +175,8 @@ class LatentDecoder(nn.Module):
         param = next(self.autoencoder.parameters())
         z = latents / self.scaling_factor + self.shift_factor
         z = z.to(param.dtype)  # decode in the training precision the loop cast the VAE to
-        # In that dtype end to end, even under a caller's autocast: autocast runs each
-        # GroupNorm in fp32, and at 512 px those upcasts cost more than the convolutions.
+        # In that dtype end to end, even under a caller's autocast, which would run each
+        # GroupNorm in fp32 and cast every activation both ways (the trainer calls it without).
         with torch.autocast(z.device.type, enabled=False):
             return self.autoencoder.decode(z).sample
 

@@ -101,6 +101,7 @@ def main() -> None:
                 emonet=args.critic,
                 steps=args.eval_steps,
                 guidance_scale=cfg.train.validation_guidance_scale,
+                map_guidance=cfg.train.validation_map_guidance,
                 prompt=prompt,
                 grid_rows=4,
                 batch_size=16,

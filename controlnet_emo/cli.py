@@ -172,6 +172,7 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         out=out / "infer" / "happy.png",
         steps=cfg.train.validation_steps,
         guidance_scale=cfg.train.validation_guidance_scale,
+        map_guidance=cfg.train.validation_map_guidance,
         sheet=True,
         depth=root / first.maps["depth"] if "depth" in first.maps else None,
         skeleton=root / first.maps["skeleton"] if "skeleton" in first.maps else None,
@@ -184,6 +185,7 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         steps=cfg.train.validation_steps,
         emonet=DEMO_EVAL_CRITIC,
         guidance_scale=cfg.train.validation_guidance_scale,
+        map_guidance=cfg.train.validation_map_guidance,
         batch_size=DEMO_EVAL_BATCH,
     )
 
@@ -208,6 +210,7 @@ def demo_edit(cfg: Config, out: Path) -> None:
         sweep=True,
         steps=cfg.train.validation_steps,
         guidance_scale=cfg.train.validation_guidance_scale,
+        map_guidance=cfg.train.validation_map_guidance,
     )
     print(f"edit sheet: {paths[0]}")
 
@@ -237,7 +240,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo evaluate``."""
-    from .inference import SCHEDULERS
+    from .inference import SCHEDULERS, add_map_guidance_argument
 
     p.add_argument("run_dir", type=Path, help="training run folder")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
@@ -254,6 +257,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    add_map_guidance_argument(p)
     p.add_argument(
         "--controlnet-scale",
         type=float,
@@ -302,6 +306,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             grid_rows=args.grid_rows,
             prompt=args.prompt,
+            map_guidance=args.map_guidance,
         )
     except (EvaluationError, InferenceError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -327,7 +332,7 @@ def parse_scales(items: list[str] | None) -> dict[str, float]:
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo infer`` (and ``python infer.py``)."""
-    from .inference import SCHEDULERS
+    from .inference import SCHEDULERS, add_map_guidance_argument
 
     p.add_argument(
         "--model",
@@ -360,6 +365,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    add_map_guidance_argument(p)
     p.add_argument(
         "--base", help="base SD model (hub id, folder, .safetensors); default: the run's"
     )
@@ -428,6 +434,7 @@ def run_infer(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=dtypes[args.dtype],
             depth_model=args.depth_model,
+            map_guidance=args.map_guidance,
         )
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)

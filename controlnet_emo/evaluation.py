@@ -238,6 +238,7 @@ def evaluate(
     device: str | None = None,
     grid_rows: int = 8,
     prompt: str | None = None,
+    map_guidance: bool = True,
 ) -> dict[str, Any]:
     """Generate, read, score; write metrics.json, per_sample.jsonl, grid.png, confusion.png,
     valence_arousal.png; return metrics.
@@ -266,7 +267,7 @@ def evaluate(
     warnings = [RANDOM_WARNING] if spec == "random" else []
     if spec != "random" and info.run_dir and spec == cfg.model.emonet:
         warnings.append(SELF_GRADING_WARNING.format(spec=spec))
-    pipe, info = load_pipeline(run, device=device, scheduler=scheduler)
+    pipe, info = load_pipeline(run, device=device, scheduler=scheduler, map_guidance=map_guidance)
     size = resolution or info.resolution
     ds = PreparedDataset(
         data, records, info.conditions, size, pipe.tokenizer, cfg.data.caption_template, train=False
@@ -304,6 +305,7 @@ def evaluate(
         "settings": {
             "steps": steps,
             "guidance_scale": guidance_scale,
+            "map_guidance": map_guidance,
             "controlnet_scale": controlnet_scale,
             "seed": seed,
             "scheduler": scheduler,

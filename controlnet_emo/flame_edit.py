@@ -246,6 +246,7 @@ def edit(
     base: str | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    map_guidance: bool = True,
 ) -> list[Path]:
     """Edit one face's expression and draw it: the sheet photo | original render | edited
     render | generated at ``out`` and the generated face beside it (``<out>_face.png``);
@@ -275,14 +276,14 @@ def edit(
             skeleton = landmark_skeleton(flame, embedding, posed, c)
         maps.append(condition_maps(render, info.conditions, size, skeleton))
     prompt = prompt or f"a photo of a {EXPRESSION_WORDS[target]} face"
-    pipe, info = load_pipeline(model, base, device, dtype, scheduler)
+    pipe, info = load_pipeline(model, base, device, dtype, scheduler, map_guidance)
     faces = [
         generate(pipe, info, m, prompt, negative_prompt, seed, steps, guidance_scale) for m in maps
     ]
     settings = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-        "guidance_scale": guidance_scale, "scheduler": scheduler, "model": str(model),
-        "base": base or info.base_model, "codes": str(codes), "expression": EXPRESSIONS[target],
+        "guidance_scale": guidance_scale, "map_guidance": map_guidance, "scheduler": scheduler,
+        "model": str(model), "base": base or info.base_model, "codes": str(codes), "expression": EXPRESSIONS[target],
         "strengths": list(strengths), "camera": [round(float(v), 6) for v in posed.fit.cam],
         "camera_method": posed.fit.method, "software": "controlnet-emo",
     }  # fmt: skip
@@ -329,7 +330,7 @@ def _grid(rows: list[list[tuple[str, Image.Image]]]) -> Image.Image:
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo edit``."""
-    from .inference import SCHEDULERS
+    from .inference import SCHEDULERS, add_map_guidance_argument
 
     p.add_argument("--model", required=True, type=Path, help="training run folder")
     p.add_argument("--flame-model", required=True, type=Path, help="FLAME .pkl / .npz (yours)")
@@ -354,6 +355,7 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    add_map_guidance_argument(p)
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
     p.add_argument("--base", help="base SD model (default: the run's)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -383,6 +385,7 @@ def run_edit(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             base=args.base,
             device=args.device,
+            map_guidance=args.map_guidance,
         )
     except (EditError, CodesError, FlameModelError, InferenceError) as err:
         print(f"error: {err}", file=sys.stderr)

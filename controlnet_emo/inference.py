@@ -1,8 +1,9 @@
-"""Faces from FLAME renders: a plain diffusers ``StableDiffusionControlNetPipeline`` underneath.
+"""Faces from FLAME renders: diffusers' ``StableDiffusionControlNetPipeline`` underneath.
 
-Why plain diffusers: what ``controlnet-emo infer`` draws is exactly what a diffusers user gets
-from the same base, ControlNet, scheduler and seed (tested), so results can be reproduced
-without this package. What we add is the bookkeeping a 9-channel ControlNet needs: the maps
+Why diffusers: with ``map_guidance`` off, what ``controlnet-emo infer`` draws is exactly what a
+diffusers user gets from the same base, ControlNet, scheduler and seed (tested), so results
+can be reproduced without this package. With it on (the default), the pipeline's
+unconditional branch sees zeroed maps (``pipeline.py``: one overridden method). What we add is the bookkeeping a 9-channel ControlNet needs: the maps
 are put in the order the model's sidecar records (never the command-line order), resized the
 way training resized them, and missing maps are zeros (what condition dropout trained for).
 
@@ -41,6 +42,19 @@ SCHEDULERS = {
 }
 
 
+def add_map_guidance_argument(p: Any) -> None:
+    """``--map-guidance`` / ``--no-map-guidance`` of infer, evaluate and edit."""
+    import argparse
+
+    p.add_argument(
+        "--map-guidance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="classifier-free guidance over the maps too: the unconditional branch sees zeroed "
+        "maps (default on; --no-map-guidance draws exactly what stock diffusers draws)",
+    )
+
+
 class InferenceError(ValueError):
     """A bad input to inference, as one line naming the file and what is wrong."""
 
@@ -55,17 +69,22 @@ def load_pipeline(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     scheduler: str = "unipc",
+    map_guidance: bool = True,
 ) -> tuple[Any, ModelInfo]:
     """A diffusers ControlNet pipeline for a run folder, an exported ControlNet folder or one
     of our single files (its embedded metadata says the conditions and the base).
 
+    ``map_guidance``: classifier-free guidance over the maps too (``pipeline.py``); False is
+    stock diffusers.
+
     The base comes from the run (config.yaml / sidecar / metadata) unless ``base`` overrides it. A tuned
     UNet saved with the run (``unet/`` or ``unet_lora/``) is loaded on top of the base.
     """
-    from diffusers import StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     from .models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
+    from .pipeline import MapGuidedControlNetPipeline
 
     if scheduler not in SCHEDULERS:
         raise InferenceError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
@@ -89,9 +108,9 @@ def load_pipeline(
     path = resolve_pretrained(base)
     try:
         if path.endswith(SINGLE_FILE_SUFFIXES):
-            pipe = StableDiffusionControlNetPipeline.from_single_file(path, **kwargs)
+            pipe = MapGuidedControlNetPipeline.from_single_file(path, **kwargs)
         else:
-            pipe = StableDiffusionControlNetPipeline.from_pretrained(path, **kwargs)
+            pipe = MapGuidedControlNetPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise InferenceError(
             f"base model {base!r}: cannot be loaded ({_first_line(err)})"
@@ -99,6 +118,7 @@ def load_pipeline(
     if info.unet_lora is not None:
         pipe.load_lora_weights(str(info.unet_lora))
     set_scheduler(pipe, scheduler)
+    pipe.map_guidance = map_guidance
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), info
 
@@ -326,6 +346,7 @@ def _a1111_parameters(s: dict[str, Any], size: tuple[int, int]) -> str:
         "Steps": s.get("steps"),
         "Sampler": s.get("scheduler"),
         "CFG scale": s.get("guidance_scale"),
+        "Map guidance": s.get("map_guidance"),
         "Seed": s.get("seed"),
         "Size": f"{size[0]}x{size[1]}",
         "Model": s.get("base"),
@@ -388,6 +409,7 @@ def infer(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     depth_model: str | None = None,
+    map_guidance: bool = True,
 ) -> list[Path]:
     """Generate one image (``flame`` a file) or one per file (``flame`` a folder).
 
@@ -403,13 +425,14 @@ def infer(
     jobs = _jobs(Path(flame), Path(out), depth, skeleton, reference)
     check_scales(info, scales)
     prepared = [(dst, load_condition_maps(info, size, **src)) for dst, src in jobs]
-    pipe, info = load_pipeline(model, base, device, dtype, scheduler)
+    pipe, info = load_pipeline(model, base, device, dtype, scheduler, map_guidance)
     settings = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "seed": seed,
         "steps": steps,
         "guidance_scale": guidance_scale,
+        "map_guidance": map_guidance,
         "scheduler": scheduler,
         "model": str(model),
         "base": base or info.base_model,

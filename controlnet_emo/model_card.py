@@ -222,7 +222,8 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
     comfy = (
         "Copy each `controlnet_<condition>.safetensors` into `ComfyUI/models/controlnet/` "
         "(A1111: `extensions/sd-webui-controlnet/models/`), load the base checkpoint, and chain "
-        "one *Apply ControlNet* per condition with its RGB map as the image."
+        "one *Apply ControlNet* per condition with its RGB map as the image (apply it to the "
+        "negative conditioning with a black image for `infer`'s guidance over the maps)."
         if multi or len(names) == 1
         else f"`controlnet.safetensors` loads in ComfyUI (`models/controlnet/`) and A1111, which read "
         f"its {3 * len(names)} hint channels from `input_hint_block.0.weight`; their hint "
@@ -250,6 +251,12 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
             "",
             "The original-layout file loads with `ControlNetModel.from_single_file(file, "
             f'config="{run.name}/controlnet")`.',
+            "",
+            "This stock pipeline draws what `controlnet-emo infer --no-map-guidance` draws. "
+            "`infer` also guides over the maps (its unconditional branch sees zeroed maps), which "
+            "makes faces follow their renders more closely: use "
+            "`controlnet_emo.pipeline.MapGuidedControlNetPipeline` in place of "
+            "`StableDiffusionControlNetPipeline` for the same images.",
             "",
             "### ComfyUI / A1111",
             "",

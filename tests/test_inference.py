@@ -92,7 +92,7 @@ def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
         generator=torch.Generator().manual_seed(5),
     ).images[0]
 
-    pipe, info = load_pipeline(run, device="cpu")
+    pipe, info = load_pipeline(run, device="cpu", map_guidance=False)
     ours = load_condition_maps(info, SIZE, **maps)
     assert torch.equal(ours, hint[0])
     image = generate(pipe, info, ours, "a photo of a happy face", seed=5, steps=2)
@@ -101,6 +101,31 @@ def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
         pipe, info, torch.zeros_like(ours), "a photo of a happy face", seed=5, steps=2
     )
     assert not np.array_equal(np.asarray(without), np.asarray(image))  # the maps matter
+
+
+def test_map_guidance_gives_the_unconditional_branch_zeroed_maps(run, maps):
+    pipe, info = load_pipeline(run, device="cpu")  # on by default
+    hint = load_condition_maps(info, SIZE, **maps)
+    seen: list[torch.Tensor] = []
+    forward = pipe.controlnet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["controlnet_cond"].clone())
+        return forward(*args, **kwargs)
+
+    pipe.controlnet.forward = spy
+    guided = np.asarray(generate(pipe, info, hint, "a face", seed=5, steps=2))
+    uncond, cond = seen[0].chunk(2)  # diffusers' order: unconditional first
+    assert torch.count_nonzero(uncond) == 0 and torch.equal(cond[0], hint)
+    pipe.map_guidance = False
+    stock = np.asarray(generate(pipe, info, hint, "a face", seed=5, steps=2))
+    assert torch.equal(seen[-1][0], hint)  # stock diffusers: both branches see the maps
+    assert not np.array_equal(guided, stock)
+    # without classifier-free guidance there is no unconditional branch: nothing changes
+    plain = [generate(pipe, info, hint, "a face", seed=5, steps=2, guidance_scale=1.0)]
+    pipe.map_guidance = True
+    plain.append(generate(pipe, info, hint, "a face", seed=5, steps=2, guidance_scale=1.0))
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(plain[1]))
 
 
 def test_multi_mode_equals_a_plain_multicontrolnet_pipeline(tmp_path, tiny_unet, maps):
@@ -225,12 +250,14 @@ def test_cli_writes_png_with_text_chunks_and_reports_errors(run, maps, tmp_path,
             "--scale",
             "depth=0.5",
             "--sheet",
+            "--no-map-guidance",
             "--device",
             "cpu",
         ]
     )  # 2 steps: UniPC's minimum
     assert run_infer(args) == 0
     text = Image.open(out).text
+    assert text["map_guidance"] == "false" and "Map guidance: False" in text["parameters"]
     assert text["prompt"] == "a photo of a sad face" and text["seed"] == "9"
     assert text["steps"] == "2" and json.loads(text["scales"]) == {"depth": 0.5}
     assert json.loads(text["conditions"]) == CONDITIONS

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
-from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from diffusers import UniPCMultistepScheduler
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from ..config import Config
 from ..data.batch import Batch
+from ..pipeline import MapGuidedControlNetPipeline
 from .step import TrainModels, compute_losses
 
 
@@ -36,10 +37,10 @@ def validation_loss(
 
 
 def build_pipeline(
-    m: TrainModels, controlnet: torch.nn.Module
-) -> StableDiffusionControlNetPipeline:
-    """A diffusers pipeline over the in-memory models (nothing is copied or reloaded)."""
-    pipe = StableDiffusionControlNetPipeline(
+    m: TrainModels, controlnet: torch.nn.Module, map_guidance: bool = True
+) -> MapGuidedControlNetPipeline:
+    """The pipeline infer loads, over the in-memory models (nothing is copied or reloaded)."""
+    pipe = MapGuidedControlNetPipeline(
         vae=m.sd.vae,
         text_encoder=m.sd.text_encoder,
         tokenizer=m.sd.tokenizer,
@@ -50,6 +51,7 @@ def build_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.map_guidance = map_guidance
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -72,7 +74,7 @@ def sample_grid(
         controlnet = copy.deepcopy(controlnet)
         controlnet = extract_model_from_parallel(controlnet, keep_fp32_wrapper=False)
         controlnet.to(m.weight_dtype)
-    pipe = build_pipeline(m, controlnet)
+    pipe = build_pipeline(m, controlnet, cfg.train.validation_map_guidance)
     rows = []
     for i, prompt in enumerate(prompts):
         cond = batch.conditions[i : i + 1].to(m.weight_dtype)  # (1,3N,H,W) in [0,1]

@@ -5,8 +5,8 @@ UNet (FACTS.md); this script measures what each recipe really adds to a step, so
 choices rest on numbers. It mirrors the training loop: latents from ``vae.encode`` and text
 from the text encoder (no grad), noise + ``add_noise``, ControlNet residuals into the frozen
 UNet, ``diffusion_loss`` + ``PixelLosses``, backward, fused AdamW on the ControlNet only,
-gradient checkpointing on UNet and ControlNet; on CUDA the trainer's TF32 and channels_last
-too, and ``Bench.set_compiled`` for ``train.compile`` (used by ``gpu_bench.py``).
+gradient checkpointing on UNet and ControlNet; the trainer's channels_last (CPU and CUDA) and
+TF32 (CUDA), and ``Bench.set_compiled`` for ``train.compile`` (used by ``gpu_bench.py``).
 
 Architectures: ``tiny`` (the test model) and ``sd15`` (SD 1.5's UNet/VAE/CLIP-L/ControlNet
 shapes, random weights, built in code: nothing is downloaded). Critics are random too
@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlnet_emo.config import Config, load_config  # noqa: E402
 from controlnet_emo.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
+from controlnet_emo.training.loop import use_fast_paths  # noqa: E402
 
 VARIANTS = ("latent_only", "research", "fast", "research_nockpt")
 _RANDOM_CRITICS = ["model.emonet=random", "model.lpips_backbone=random"]
@@ -220,11 +221,8 @@ class Bench:
             frozen.requires_grad_(False).to(device, dtype)
         self.unet.enable_gradient_checkpointing()
         self.controlnet.to(device).train().enable_gradient_checkpointing()
-        if device.type == "cuda":  # the trainer's GPU path (training/loop.py)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            for module in (self.unet, self.vae, self.controlnet):
-                module.to(memory_format=torch.channels_last)
+        # the trainer's layouts and TF32 (training/loop.py)
+        self.channels_last = use_fast_paths(device, self.unet, self.vae, self.controlnet)
         self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=1e-5, fused=True)
         self.eager = (self.unet, self.controlnet)
         for p in self.controlnet.parameters():  # resident from the start, as after step one
@@ -329,7 +327,7 @@ class Bench:
         variant.losses = (
             PixelLosses(variant.cfg, self.vae)
             .to(self.device)
-            .critics_to(self.dtype, channels_last=self.device.type == "cuda")
+            .critics_to(self.dtype, channels_last=self.channels_last)
         )
         if variant.losses.decoder is not None:
             variant.losses.decoder.to(self.dtype)

@@ -199,6 +199,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the UNet and ControlNet (static shapes): faster steps after a compile of
     a minute or more at start; worth it for long GPU runs."""
+    channels_last: bool = True
+    """UNet, VAE, ControlNet and critics in channels_last on CPU and CUDA, oneDNN's and
+    cuDNN's fastest conv kernels (the demo's CPU steps 1.12-1.4x; BENCHMARKS.md, "Training
+    step"). False keeps PyTorch's default layout, for a machine where that measures faster
+    (``benchmarks/layout_speed.py``)."""
     use_8bit_adam: bool = False
     ema: bool = False
     ema_decay: float = 0.9999

@@ -165,12 +165,20 @@ def test_too_little_disk_for_the_checkpoints_fails(tmp_path, prepared, monkeypat
 def test_the_disk_estimate_counts_every_checkpoint_kept():
     cfg = load_config(
         DEMO_CONFIG,
-        ["train.max_steps=1000", "train.checkpoint_every=100", "train.checkpoints_total_limit=3"],
+        [
+            "train.max_steps=1000",
+            "train.checkpoint_every=100",
+            "train.checkpoints_total_limit=3",
+            "train.ema=false",
+        ],
     )
     need, how = doctor.disk_estimate(cfg, doctor.Sizes(controlnet=1000), n_train=0)
     # 4 checkpoints at the peak (the new one is written before the oldest goes) x 12 B/param,
     # + controlnet/ and controlnet.safetensors at 4 B/param each
     assert need == 4 * 12_000 + 8_000 and how.startswith("4 checkpoint(s)")
+    cfg.train.ema = True  # the averaged weights ride in every checkpoint: 4 B/param more
+    assert doctor.disk_estimate(cfg, doctor.Sizes(controlnet=1000), 0)[0] == 4 * 16_000 + 8_000
+    cfg.train.ema = False
     cfg.train.checkpoints_total_limit = None
     assert doctor.disk_estimate(cfg, doctor.Sizes(controlnet=1000), 0)[0] == 10 * 12_000 + 8_000
 

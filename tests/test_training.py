@@ -311,3 +311,23 @@ def test_the_pixel_path_recomputes_in_backward_only_with_gradient_checkpointing(
     )
     models, _, _ = build_models(load_config(DEMO_CONFIG, overrides), Accelerator(cpu=True))
     assert models.pixel_losses.checkpointing == mode
+
+
+def test_channels_last_changes_the_layout_not_the_training(tmp_path, prepared):
+    """train.channels_last (on by default, CPU too) is a speed choice: the same weights."""
+    from accelerate import Accelerator
+
+    from controlnet_emo.training.loop import build_models
+
+    runs = {}
+    for on in (True, False):
+        flag = {"train.channels_last": on, "train.max_steps": 2, "train.checkpoint_every": 2}
+        overrides = tiny_overrides(tmp_path / str(on), prepared, keep_losses=True, **flag)
+        models, _, _ = build_models(load_config(DEMO_CONFIG, overrides), Accelerator(cpu=True))
+        conv = models.sd.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == on
+        runs[on] = run(tmp_path, prepared, f"layout-{on}", keep_losses=True, **flag)
+    new, old = weights(runs[True], 2), weights(runs[False], 2)
+    assert new.keys() == old.keys()
+    for key in new:  # a tenth of one Adam step (lr 1e-3): rounding, not another result
+        torch.testing.assert_close(new[key], old[key], rtol=1e-3, atol=1e-4)

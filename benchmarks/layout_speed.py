@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from peer_speed import logged_rate  # noqa: E402
 
 from controlnet_emo.config import load_config  # noqa: E402
 from controlnet_emo.training.loop import train  # noqa: E402
@@ -45,8 +48,7 @@ def rate(data: Path, out: Path, steps: int, overrides: list[str]) -> float:
         ],
     )
     train(cfg)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["samples_per_s"] for r in rows[10:] if "samples_per_s" in r)
+    return logged_rate(out, skip=10)
 
 
 def main() -> None:
@@ -62,16 +64,12 @@ def main() -> None:
             for r in range(args.rounds):
                 for layout in rates:
                     out = Path(tmp) / f"{phase}-{layout}-{r}"
-                    flag = f"train.channels_last={layout == 'channels_last'}".lower()
+                    flag = f"train.channels_last={str(layout == 'channels_last').lower()}"
                     rates[layout].append(rate(args.data, out, args.steps, [*extra, flag]))
-                    print(json.dumps({"phase": phase, "layout": layout, "round": r,
-                                      "samples_per_s": round(rates[layout][-1], 2)}))  # fmt: skip
-            summary[phase] = {
-                "nchw": [round(x, 2) for x in rates["nchw"]],
-                "channels_last": [round(x, 2) for x in rates["channels_last"]],
-                "ratio": round(statistics.median(rates["channels_last"])
-                               / statistics.median(rates["nchw"]), 3),  # fmt: skip
-            }
+                    row = dict(phase=phase, layout=layout, round=r, samples_per_s=rates[layout][-1])
+                    print(json.dumps(row))
+            ratio = statistics.median(rates["channels_last"]) / statistics.median(rates["nchw"])
+            summary[phase] = {**rates, "ratio": round(ratio, 3)}
     print(json.dumps({"summary": summary}))
 
 

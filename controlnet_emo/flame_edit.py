@@ -283,7 +283,8 @@ def edit(
     settings = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "map_guidance": map_guidance, "scheduler": scheduler,
-        "model": str(model), "base": base or info.base_model, "codes": str(codes), "expression": EXPRESSIONS[target],
+        "model": str(model), "base": base or info.base_model, "codes": str(codes),
+        "expression": EXPRESSIONS[target],
         "strengths": list(strengths), "camera": [round(float(v), 6) for v in posed.fit.cam],
         "camera_method": posed.fit.method, "software": "controlnet-emo",
     }  # fmt: skip

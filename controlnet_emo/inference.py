@@ -3,9 +3,10 @@
 Why diffusers: with ``map_guidance`` off, what ``controlnet-emo infer`` draws is exactly what a
 diffusers user gets from the same base, ControlNet, scheduler and seed (tested), so results
 can be reproduced without this package. With it on (the default), the pipeline's
-unconditional branch sees zeroed maps (``pipeline.py``: one overridden method). What we add is the bookkeeping a 9-channel ControlNet needs: the maps
-are put in the order the model's sidecar records (never the command-line order), resized the
-way training resized them, and missing maps are zeros (what condition dropout trained for).
+unconditional branch sees zeroed maps (``pipeline.py``: one overridden method). What we add
+is the bookkeeping a 9-channel ControlNet needs: the maps are put in the order the model's
+sidecar records (never the command-line order), resized the way training resized them, and
+missing maps are zeros (what condition dropout trained for).
 
 A stacked net gets one prepared (1, 3N, H, W) tensor in [0, 1]. diffusers' control image
 processor leaves it alone (``do_normalize=False``; resize to the same size is the identity),

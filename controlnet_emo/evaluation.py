@@ -38,7 +38,7 @@ from .data.dataset import PreparedDataset, Record, collate, read_metadata
 from .eval_report import format_table, sample_row, write_maps_sweep, write_outputs
 from .inference import load_pipeline, model_info
 from .map_reliance import map_reliance
-from .metrics import crop_landmarks, emotion_metrics, heatmap_landmarks, nme
+from .metrics import crop_landmarks, emotion_metrics, flip_test_heatmap, heatmap_landmarks, nme
 
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
     8: {
@@ -76,15 +76,18 @@ class EvaluationError(ValueError):
 @torch.no_grad()
 def read_faces(emonet: torch.nn.Module, images: Tensor) -> dict[str, Tensor]:
     """(B,3,H,W) in [0,1] -> the critic's expression (B,) class and (B,C) logits, valence,
-    arousal, landmarks (B,68,2)."""
+    arousal, landmarks (B,68,2); landmarks by the flip test (``metrics.flip_test_heatmap``),
+    the emotion from the image as given."""
     p = next(emonet.parameters())
-    out = emonet(images.to(p.device, p.dtype))
+    x = images.to(p.device, p.dtype)
+    out = emonet(x)
+    heatmap = flip_test_heatmap(out["heatmap"], emonet(x.flip(-1))["heatmap"])
     return {
         "expression": out["expression"].argmax(1).cpu(),
         "expression_logits": out["expression"].float().cpu(),
         "valence": out["valence"].float().cpu(),
         "arousal": out["arousal"].float().cpu(),
-        "landmarks": heatmap_landmarks(out["heatmap"], tuple(images.shape[-2:])).cpu(),
+        "landmarks": heatmap_landmarks(heatmap, tuple(images.shape[-2:])).cpu(),
     }
 
 
@@ -316,6 +319,7 @@ def evaluate(
             "base": info.base_model,
             "baseline": baseline,
             "prompt": prompt,
+            "landmark_reading": "flip test (metrics.flip_test_heatmap)",
         },
         "map_reliance": map_reliance(pipe, batches),
     } | score(read, labels, critic.n_expression)

@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from .atomic import atomic_write
 from .data.dataset import load_rgb as _load_training_map
 from .data.transforms import resize_center_crop
+from .fast_paths import use_fast_paths
 from .model_info import ExportError, ModelInfo, dtype_kwargs, load_controlnets, read_model_info
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def load_pipeline(
     set_scheduler(pipe, scheduler)
     pipe.map_guidance = map_guidance
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), info
+    pipe.to(device)
+    use_fast_paths(pipe.device, pipe.unet, pipe.controlnet, pipe.vae)
+    return pipe, info
 
 
 def model_info(model: str | Path) -> ModelInfo:

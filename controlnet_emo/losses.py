@@ -309,7 +309,7 @@ class PixelLosses(torch.nn.Module):
     def critics_to(self, dtype: torch.dtype, channels_last: bool = False) -> PixelLosses:
         """LPIPS and EmoNet in ``dtype``: frozen, like the VAE and text encoder, they run in the
         training's weight dtype (the decoder already follows the VAE's); ``channels_last`` where
-        the UNet has it (training.loop.use_fast_paths)."""
+        the UNet has it (fast_paths.use_fast_paths)."""
         layout = torch.channels_last if channels_last else torch.preserve_format
         for critic in (self.lpips, self.emonet):
             if critic is not None:

@@ -64,13 +64,20 @@ def maps(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def hand_built_pipeline(controlnet) -> StableDiffusionControlNetPipeline:
-    """What a diffusers user writes: the base folder plus the exported ControlNet."""
+def hand_built_pipeline(
+    controlnet, channels_last: bool = True
+) -> StableDiffusionControlNetPipeline:
+    """What a diffusers user writes: the base folder plus the exported ControlNet; in
+    channels_last by default, the layout our loader runs the nets in (fast_paths.py), so the
+    two compare bit for bit."""
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         resolve_pretrained("tiny"), controlnet=controlnet, safety_checker=None
     )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        for net in (pipe.unet, pipe.controlnet, pipe.vae):
+            net.to(memory_format=torch.channels_last)
     return pipe
 
 
@@ -80,23 +87,26 @@ def to_tensor(path: Path) -> torch.Tensor:
 
 
 def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
+    """Bit for bit in the same memory layout; within one 8-bit level of a stock pipeline left
+    in PyTorch's default layout."""
     (file,) = export_run(run)
     controlnet = ControlNetModel.from_single_file(str(file), config=str(run / "controlnet"))
     hint = torch.cat([to_tensor(maps[c]) for c in CONDITIONS])[None]  # (1,9,H,W) in [0,1]
-    expected = hand_built_pipeline(controlnet)(
-        "a photo of a happy face",
-        image=hint,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(5),
-    ).images[0]
+    draw = dict(image=hint, height=SIZE, width=SIZE, num_inference_steps=2)
+    expected, nchw = (
+        hand_built_pipeline(controlnet, channels_last=layout)(
+            "a photo of a happy face", generator=torch.Generator().manual_seed(5), **draw
+        ).images[0]
+        for layout in (True, False)
+    )
 
     pipe, info = load_pipeline(run, device="cpu", map_guidance=False)
     ours = load_condition_maps(info, SIZE, **maps)
     assert torch.equal(ours, hint[0])
     image = generate(pipe, info, ours, "a photo of a happy face", seed=5, steps=2)
     assert np.array_equal(np.asarray(image), np.asarray(expected))
+    gap = np.abs(np.asarray(image, np.int16) - np.asarray(nchw, np.int16))
+    assert gap.max() <= 1
     without = generate(
         pipe, info, torch.zeros_like(ours), "a photo of a happy face", seed=5, steps=2
     )

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from controlnet_emo.evaluation import read_faces
+from controlnet_emo.metrics import MIRROR_68, heatmap_landmarks, nme
 from controlnet_emo.models.emonet import build_emonet
 from controlnet_emo.models.sd import load_sd, resolve_pretrained, vae_scale_factor
 from controlnet_emo.models.shipped import SHIPPED, WEIGHTS_DIR, shipped_path
 from controlnet_emo.models.tiny import sd_pipeline
-from controlnet_emo.pretrain.critic import score_critic
+from controlnet_emo.pretrain.critic import score_critic, to_contract
 from controlnet_emo.pretrain.faces import render_faces
 
 
@@ -51,6 +53,31 @@ def test_critics_load_frozen_and_read_unseen_faces(name):
     faces = render_faces(32, 64, seed=424242)  # a seed neither critic trained on
     scores = score_critic(critic, faces)
     assert scores["top1"] >= 0.85 and scores["nme_iod"] <= 0.06
+    assert scores["nme_iod_flip_test"] <= 0.06
+
+
+def mirror(points, width):
+    """(B,68,2) landmarks of faces -> those of their mirror images (``x.flip(-1)``)."""
+    return torch.stack([width - 1 - points[..., 0], points[..., 1]], -1)[:, list(MIRROR_68)]
+
+
+def test_mirror_68_names_each_landmarks_partner_on_a_mirrored_face(eval_critic):
+    """The critic reads a mirrored face where MIRROR_68 says its landmarks went: a wrong pair
+    (an eye for the other, a mouth corner for the other) would sit a face-width away."""
+    faces = render_faces(8, 64, seed=424243)
+    mirrored = faces.float_images(torch.arange(8)).flip(-1)
+    read = heatmap_landmarks(eval_critic(to_contract(mirrored))["heatmap"], 64)
+    assert nme(read, mirror(faces.landmarks, 64)).mean() <= 0.06
+    assert nme(read, faces.landmarks).mean() > 0.1  # an unmirrored answer is far off
+
+
+def test_the_flip_test_reads_a_mirrored_face_as_the_mirrored_landmarks(eval_critic):
+    """``evaluate`` reads landmarks by the flip test: no left/right bias of the critic is left
+    in its figures, and it reads a face and its mirror image alike."""
+    x = render_faces(4, 64, seed=424244).float_images(torch.arange(4))
+    points = read_faces(eval_critic, x)["landmarks"]
+    of_mirror = read_faces(eval_critic, x.flip(-1))["landmarks"]
+    assert torch.allclose(of_mirror, mirror(points, 64), atol=1e-3)
 
 
 def draw(base, prompts, seed=0, steps=12):

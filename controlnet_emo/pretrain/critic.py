@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, load_typed
-from ..metrics import ccc, heatmap_landmarks, nme, topk_accuracy
+from ..metrics import ccc, flip_test_heatmap, heatmap_landmarks, nme, topk_accuracy
 from ..models.face_critic import HEATMAP_SIZE, CriticShape, FaceCritic, save_face_critic
 from .base import machine_description
 from .faces import FaceSet, render_faces
@@ -172,16 +172,23 @@ def fit(model: FaceCritic, faces: FaceSet, cfg: CriticTrainConfig) -> dict[str, 
 
 @torch.no_grad()
 def score_critic(model, faces: FaceSet, batch_size: int = 64) -> dict[str, float]:
-    """Top-1 / top-3, valence / arousal CCC, landmark NME (inter-ocular) on exact labels."""
-    logits, val, aro, points = [], [], [], []
+    """Top-1 / top-3, valence / arousal CCC, landmark NME (inter-ocular) on exact labels.
+
+    NME twice: of one reading (``nme_iod``) and by the flip test that ``evaluate`` reads
+    landmarks with (``nme_iod_flip_test``, ``metrics.flip_test_heatmap``).
+    """
+    logits, val, aro, points, flip_points = [], [], [], [], []
     res = faces.images.shape[-1]
     for start in range(0, len(faces), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(faces)))
-        pred = model(to_contract(faces.float_images(idx)))
+        x = to_contract(faces.float_images(idx))
+        pred = model(x)
         logits.append(pred["expression"])
         val.append(pred["valence"])
         aro.append(pred["arousal"])
         points.append(heatmap_landmarks(pred["heatmap"], res))
+        heatmap = flip_test_heatmap(pred["heatmap"], model(x.flip(-1))["heatmap"])
+        flip_points.append(heatmap_landmarks(heatmap, res))
     logits = torch.cat(logits)
     return {
         "top1": topk_accuracy(logits, faces.expression, 1),
@@ -189,5 +196,6 @@ def score_critic(model, faces: FaceSet, batch_size: int = 64) -> dict[str, float
         "valence_ccc": ccc(torch.cat(val), faces.valence),
         "arousal_ccc": ccc(torch.cat(aro), faces.arousal),
         "nme_iod": float(nme(torch.cat(points), faces.landmarks).mean()),
+        "nme_iod_flip_test": float(nme(torch.cat(flip_points), faces.landmarks).mean()),
         "n": len(faces),
     }

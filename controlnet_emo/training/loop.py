@@ -30,6 +30,7 @@ from ..data.dataset import (
     held_out_records,
     read_metadata,
 )
+from ..fast_paths import use_fast_paths
 from ..models.controlnet import build_controlnet
 from ..models.sd import load_sd, vae_scale_factor
 from ..models.text_cache import TextEmbeddingCache
@@ -308,27 +309,6 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
     return models, params, unet_trains
 
 
-def use_fast_paths(
-    device: torch.device, *conv_nets: torch.nn.Module, channels_last: bool = True
-) -> bool:
-    """channels_last for the conv nets on CPU and CUDA, TF32 matmuls and convolutions on CUDA;
-    returns whether channels_last is on (the critics follow it).
-
-    Why: cuDNN's and oneDNN's NHWC kernels are their fastest. On the 2-core CPU the demo's
-    diffusion steps ran 1.12-1.19x faster with it, and its decoder + critic steps 1.15-1.4x
-    (BENCHMARKS.md, "Training step"); the losses match to 6 digits, as a change of kernel
-    order would. TF32 is what Ampere and later GPUs run fastest; numerics stay fp32-class.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if not channels_last or device.type not in ("cpu", "cuda"):
-        return False
-    for module in conv_nets:
-        module.to(memory_format=torch.channels_last)
-    return True
-
-
 def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
     t = cfg.train
     kwargs = dict(
@@ -352,7 +332,7 @@ def make_ema(cfg: Config, controlnet: torch.nn.Module):
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(controlnet.parameters(), decay=cfg.train.ema_decay)
+    return EMAModel(controlnet.parameters(), decay=cfg.train.ema_decay, foreach=True)
 
 
 def make_loader(

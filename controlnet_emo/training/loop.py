@@ -277,9 +277,9 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         sd.unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
     device = accelerator.device
-    sd.vae.to(device, dtype=weight_dtype)
-    sd.text_encoder.to(device, dtype=weight_dtype)
-    sd.unet.to(device, dtype=torch.float32 if unet_trains else weight_dtype)
+    move(sd.vae, device, weight_dtype)
+    move(sd.text_encoder, device, weight_dtype)
+    move(sd.unet, device, torch.float32 if unet_trains else weight_dtype)
     controlnet.to(device)
     channels_last = use_fast_paths(
         device, sd.unet, sd.vae, controlnet, channels_last=cfg.train.channels_last
@@ -307,6 +307,15 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         else None,
     )
     return models, params, unet_trains
+
+
+def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``, naming the dtype only when it changes: diffusers 0.42
+    warns on every ``to(dtype)`` of a model whose list of float32-only modules is empty
+    (an empty list is not None), which printed two false alarms at the top of every run."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
 
 
 def make_optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:

@@ -121,9 +121,9 @@ def flip_test_heatmap(heatmap: Tensor, of_mirror: Tensor) -> Tensor:
     -> their mean in the faces' frame (the mirror's flipped back, left and right swapped).
 
     Why: the "flip test" of landmark benchmarks. It cancels the left/right bias a critic
-    learns and halves its noise; the shipped evaluation critic's NME on real faces drops from
-    3.1 % to 2.9 % (BENCHMARKS.md, "Shipped critics"), and a mirrored face reads as exactly
-    the mirrored landmarks.
+    learns and averages out part of its noise; the shipped evaluation critic's NME on real
+    faces drops from 3.1 % to 2.9 % (BENCHMARKS.md, "Shipped critics"), and a mirrored face
+    reads as exactly the mirrored landmarks.
     """
     return (heatmap.float() + of_mirror.float().flip(-1)[:, list(MIRROR_68)]) / 2
 

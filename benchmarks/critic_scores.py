@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -38,7 +36,6 @@ def main() -> None:
     ap.add_argument("--unseen-seed", type=int, default=7777)
     ap.add_argument("--write", action="store_true", help="update each critic_report.json")
     args = ap.parse_args()
-    torch.manual_seed(0)
     for name in args.critics:
         folder = shipped_path(name) or Path(name)
         report_path = folder / "critic_report.json"

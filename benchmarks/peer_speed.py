@@ -362,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
                 # Fill inductor's caches first: otherwise the first timed run compiles and the
                 # second loads the result, and the compile no longer cancels out.
                 timed(command(short, work / f"{name}-warmup"), env, work / f"{name}-warmup.log")
+        if args.threads:  # the in-process ceiling runs on as many threads as the trainers
+            import torch
+
+            torch.set_num_threads(args.threads)
         load_before = os.getloadavg()
         rounds: dict[str, list[dict]] = {name: [] for name in variants}
         ceilings: list[float] = []
@@ -375,10 +379,6 @@ def main(argv: list[str] | None = None) -> None:
                 rate = steady_rate(w[short], w[long], short, long, 4)
                 rate["logged_samples_per_s"] = logged_rate(work / f"{name}-{long}-{r}")
                 rounds[name].append(rate)
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
             ceilings.append(ceiling_rate(model))  # in every round: the VM's mood drifts
         result = {name: median_round(rs) for name, rs in rounds.items()}
         figures = {k: v["samples_per_s"] for k, v in result.items()}

@@ -1,8 +1,9 @@
 """Faces from FLAME renders: diffusers' ``StableDiffusionControlNetPipeline`` underneath.
 
-Why diffusers: with ``map_guidance`` off, what ``controlnet-emo infer`` draws is exactly what a
-diffusers user gets from the same base, ControlNet, scheduler and seed (tested), so results
-can be reproduced without this package. With it on (the default), the pipeline's
+Why diffusers: with ``map_guidance`` off, what ``controlnet-emo infer`` draws is what a diffusers
+user gets from the same base, ControlNet, scheduler and seed (tested: bit for bit with the nets
+in channels_last, the layout ``load_pipeline`` runs them in for speed; within one 8-bit level in
+PyTorch's default layout), so results can be reproduced without this package. With it on (the default), the pipeline's
 unconditional branch sees zeroed maps (``pipeline.py``: one overridden method). What we add
 is the bookkeeping a 9-channel ControlNet needs: the maps are put in the order the model's
 sidecar records (never the command-line order), resized the way training resized them, and
@@ -53,7 +54,7 @@ def add_map_guidance_argument(p: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="classifier-free guidance over the maps too: the unconditional branch sees zeroed "
-        "maps (default on; --no-map-guidance draws exactly what stock diffusers draws)",
+        "maps (default on; --no-map-guidance draws what stock diffusers draws)",
     )
 
 

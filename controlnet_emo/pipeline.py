@@ -11,7 +11,7 @@ this took the landmark error from 0.204 to 0.138 of the inter-ocular distance wi
 retrained (BENCHMARKS.md, "Guidance over the maps").
 
 With ``map_guidance = False``, or with no classifier-free guidance (``guidance_scale <= 1``)
-or diffusers' ``guess_mode``, it is the stock pipeline, image for image (tested). ComfyUI users
+or diffusers' ``guess_mode``, it is the stock pipeline, step for step (tested). ComfyUI users
 get the same by applying the ControlNet to the negative conditioning with a black image.
 """
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -42,10 +43,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--n-held-out", type=int, default=32)
+    p.add_argument("--out", help="output folder for the latent cache (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
-    cfg = load_config(args.config, [f"data.root={args.data}", *args.set])
+    # its own output folder: the latent cache lives there, not in the recipe's run folder
+    out = args.out or tempfile.mkdtemp(prefix="map_reliance_")
+    cfg = load_config(args.config, [f"data.root={args.data}", f"output_dir={out}", *args.set])
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     models, params, _ = build_models(cfg, accelerator)

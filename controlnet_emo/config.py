@@ -77,7 +77,9 @@ class DataConfig:
     cache_latents: bool = False
     """Encode every training image once (centre crop and its mirror image) and draw each
     step's posterior sample from the cached moments: no VAE encoder in the step. Flips are
-    kept; random crops are not (the cache holds the centre crop)."""
+    kept; random crops are not (the cache holds the centre crop). The file in
+    ``output_dir/latent_cache/`` is reused by a later run only while the VAE and every image
+    (name, size, modification time) are unchanged; otherwise it is encoded again."""
     cache_images: bool = False
     """Keep every decoded image (target and maps) in memory after its first read, so later
     epochs decode no files. Costs N x (1 + maps) x 3 x H x W x 4 bytes at the files' own size

@@ -1,5 +1,6 @@
 """The text-embedding, latent and decoded-image caches: faster steps, the same results."""
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -102,6 +103,25 @@ def test_training_on_the_latent_cache_with_flips(tmp_path, prepared):
     _run(tmp_path, prepared, "lat", **{"train.max_steps": 2, "data.cache_latents": True})
     cache = load_file(tmp_path / "lat" / "latent_cache" / "train-64-mirrored.safetensors")
     assert cache["moments"].shape[1] == 2
+
+
+def test_a_latent_cache_of_other_data_is_encoded_again(tmp_path, prepared):
+    """Training again into the same output folder after the images changed must read the new
+    images' latents, not the cache the first run left there."""
+    from PIL import Image
+
+    run = {"train.max_steps": 2, "data.cache_latents": True}
+    cache = "latent_cache/train-64-mirrored.safetensors"
+    _run(tmp_path, prepared, "same", **run)
+    before = load_file(tmp_path / "same" / cache)["moments"]
+    for path in sorted((prepared / "images").glob("*.png")):  # other faces, the same names
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    _run(tmp_path, prepared, "same", **run)
+    after = load_file(tmp_path / "same" / cache)["moments"]
+    _run(tmp_path, prepared, "fresh", **run)
+    fresh = load_file(tmp_path / "fresh" / cache)["moments"]
+    torch.testing.assert_close(after, fresh)
+    assert not torch.allclose(after, before, atol=1e-3)
 
 
 def test_image_cache_gives_the_same_samples_and_decodes_each_file_once(prepared, monkeypatch):

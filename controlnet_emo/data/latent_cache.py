@@ -10,10 +10,12 @@ is no change at all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -57,14 +59,36 @@ def cache_path(folder: Path, split: str, resolution: int, mirrored: bool) -> Pat
     return folder / f"{split}-{resolution}-{'mirrored' if mirrored else 'plain'}.safetensors"
 
 
-def load_or_build(path: Path, build) -> torch.Tensor:
-    """Reuse a cache file written by an earlier run (or by the main process) when present."""
+def cache_key(vae_source: str, root: Path, file_names: list[str]) -> str:
+    """What the cached moments were computed from: the VAE and every image, in order (name,
+    size, modification time). Why: the file name alone says only split and resolution, so a
+    run writing to the same output folder with other data (a regenerated dataset, another
+    ``data.root``) would read another dataset's latents beside its own maps and labels."""
+    digest = hashlib.sha256(vae_source.encode())
+    for name in file_names:
+        try:
+            st = (root / name).stat()
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # unreadable: the dataset skips it, the key just records that
+            stamp = "missing"
+        digest.update(f"\0{name}\0{stamp}".encode())
+    return digest.hexdigest()
+
+
+def load_or_build(path: Path, build, key: str) -> torch.Tensor:
+    """Reuse a cache file written by an earlier run (or by the main process) when it was built
+    from the same data (``key``, see ``cache_key``); otherwise build it and write it
+    atomically."""
     if path.is_file():
-        return load_file(path)["moments"]
+        with safe_open(path, "pt") as f:
+            same = (f.metadata() or {}).get("key") == key
+        if same:
+            return load_file(path)["moments"]
+        log.info("%s was built from other data or another VAE: encoding again", path)
     moments = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"moments": moments.contiguous()}, tmp)
+    save_file({"moments": moments.contiguous()}, tmp, metadata={"key": key})
     tmp.replace(path)
     log.info("cached %d latents in %s", len(moments), path)
     return moments

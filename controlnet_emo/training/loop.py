@@ -383,11 +383,14 @@ def cached_latents(
     cfg: Config, models: TrainModels, accelerator: Accelerator, records: list
 ) -> torch.Tensor:
     """VAE posteriors of the (centre-cropped) training images, encoded once by the main process."""
-    from ..data.latent_cache import cache_path, encode_moments, load_or_build
+    from ..data.latent_cache import cache_key, cache_path, encode_moments, load_or_build
 
     folder = Path(cfg.output_dir) / "latent_cache"
     path = cache_path(folder, cfg.data.train_split, cfg.data.resolution, cfg.data.hflip)
     plain = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
+    m = cfg.model
+    vae = f"{m.pretrained}@{m.revision}/{m.variant}/{models.weight_dtype}"
+    key = cache_key(vae, Path(cfg.data.root), [r.file_name for r in records])
 
     def build() -> torch.Tensor:
         return encode_moments(
@@ -401,9 +404,9 @@ def cached_latents(
         )
 
     if accelerator.is_main_process:
-        load_or_build(path, build)
+        load_or_build(path, build, key)
     accelerator.wait_for_everyone()
-    return load_or_build(path, build)
+    return load_or_build(path, build, key)
 
 
 def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:

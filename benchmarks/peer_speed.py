@@ -251,23 +251,24 @@ def ceiling_rate(model: Path, steps: int = 100, batch: int = 4, size: int = 64) 
     ``ceiling / peer`` bounds the ratio any trainer can show over the peer. The faster of
     PyTorch's default layout and channels_last, after 10 warm-up steps each."""
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
+
+    from controlnet_emo.models.controlnet import controlled_prediction
+    from controlnet_emo.models.sd import load_sd, vae_scale_factor
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(model / "unet").requires_grad_(False)
+    sd = load_sd(str(model))
+    unet = sd.unet.requires_grad_(False)
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3).train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, fused=True)
-    vae_blocks = json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]
-    side = size // 2 ** (len(vae_blocks) - 1)
+    side = size // vae_scale_factor(sd.vae)
     latents, noise = torch.randn(2, batch, 4, side, side)
     t = torch.randint(0, 1000, (batch,))
     text = torch.randn(batch, 77, unet.config.cross_attention_dim)
     hint = torch.rand(batch, 3, size, size)
 
     def step() -> None:
-        down, mid = controlnet(latents, t, text, controlnet_cond=hint, return_dict=False)
-        pred = unet(latents, t, text, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
+        pred = controlled_prediction(unet, controlnet, latents, t, text, hint, torch.float32)
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -2,7 +2,7 @@
 
 import sys
 
-from controlnet_emo.cli import main
+from controlnet_emo.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["infer", *sys.argv[1:]]))

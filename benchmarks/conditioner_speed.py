@@ -34,7 +34,7 @@ from conditioners.skeleton import (  # noqa: E402
     draw_skeleton,
     fan_checkpoint_path,
 )
-from controlnet_emo.data.synthetic import (  # noqa: E402
+from controlnet_emo.synthetic.faces import (  # noqa: E402
     crop_to_emoca,
     render_face,
     sample_face_params,

@@ -30,9 +30,9 @@ import json
 import time
 from pathlib import Path
 
-from controlnet_emo.cli import REPO_CONFIGS
+from controlnet_emo.config import RECIPES as REPO_CONFIGS
 from controlnet_emo.config import load_config
-from controlnet_emo.evaluation import NEUTRAL_PROMPT, evaluate
+from controlnet_emo.evaluation.evaluate import NEUTRAL_PROMPT, evaluate
 
 VARIANTS = {
     "diffusion": [
@@ -70,7 +70,7 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from controlnet_emo.cli import prepare_demo_data
+    from controlnet_emo.cli.demo import prepare_demo_data
     from controlnet_emo.training.loop import train
 
     data_cfg = load_config(REPO_CONFIGS / "demo.yaml", [f"data.root={args.out / 'data'}"])

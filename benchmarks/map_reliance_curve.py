@@ -28,10 +28,10 @@ from types import SimpleNamespace
 import torch
 from accelerate import Accelerator
 
-from controlnet_emo.cli import REPO_CONFIGS
+from controlnet_emo.config import RECIPES as REPO_CONFIGS
 from controlnet_emo.config import load_config
 from controlnet_emo.data.dataset import collate, dataset_from_config, held_out_records
-from controlnet_emo.map_reliance import map_reliance
+from controlnet_emo.evaluation.map_reliance import map_reliance
 from controlnet_emo.training.loop import build_models, make_loader, make_optimizer
 from controlnet_emo.training.step import compute_losses
 

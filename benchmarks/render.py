@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from conditioners.flame_model import FlameModel  # noqa: E402
 from conditioners.render import render_mesh  # noqa: E402
-from controlnet_emo.data.synthetic_flame import build_synthetic_flame  # noqa: E402
+from controlnet_emo.synthetic.flame import build_synthetic_flame  # noqa: E402
 
 
 def main() -> None:

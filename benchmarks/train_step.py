@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from controlnet_emo.config import Config, load_config  # noqa: E402
-from controlnet_emo.fast_paths import use_fast_paths  # noqa: E402
-from controlnet_emo.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
+from controlnet_emo.models.fast_paths import use_fast_paths  # noqa: E402
+from controlnet_emo.training.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
 
 VARIANTS = ("latent_only", "research", "fast", "research_nockpt")
 _RANDOM_CRITICS = ["model.emonet=random", "model.lpips_backbone=random"]

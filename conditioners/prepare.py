@@ -63,8 +63,7 @@ from conditioners.raw_data import (
 )
 from conditioners.skeleton import NoFaceError, SkeletonConditioner, draw_skeleton
 from controlnet_emo.config import Config
-from controlnet_emo.data.dataset import CONDITION_KEYS
-from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
+from controlnet_emo.labels import CONDITION_KEYS, EXPRESSION_WORDS, EXPRESSIONS
 
 logger = logging.getLogger(__name__)
 

@@ -309,6 +309,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+RECIPES = Path(__file__).resolve().parent / "configs"
+"""The shipped recipes, inside the package so a non-editable install finds them too."""
+
+
+def recipe_names() -> list[str]:
+    """Names ``--config`` accepts without a path (``demo``, ``stableface_best``, ...)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file from a path, or from a shipped recipe's name (``--config demo``).
+
+    Why: after ``pip install controlnet-emo`` there is no ``configs/`` folder beside the user,
+    so a name is the only spelling that works from any directory.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = RECIPES / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+    if given.parent == Path(".") or given.parts[:1] == ("configs",):
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(
+        f"config file not found: {given} (shipped recipes by name: {', '.join(recipe_names())})"
+    )
+
+
 def load_typed(cls: type, path: str | Path | None, overrides: list[str] | None) -> Any:
     """Any config dataclass from YAML + overrides, with the type checks ``load_config`` has.
 
@@ -317,9 +344,7 @@ def load_typed(cls: type, path: str | Path | None, overrides: list[str] | None) 
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_recipe(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

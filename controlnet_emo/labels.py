@@ -1,4 +1,5 @@
-"""AffectNet's expression classes, in label order: one definition for data, models and reports.
+"""Names shared by every stage: AffectNet's expression classes in label order, and the
+condition maps' metadata columns. One definition for prepare, data, models and reports.
 
 EmoNet's 8-class head uses this order too; its 5-class head keeps the first five.
 """
@@ -15,3 +16,11 @@ EXPRESSION_WORDS = (
     "angry",
     "contemptuous",
 )
+
+# condition name -> the prepared dataset's metadata column naming its map: what prepare writes
+# and the training loader reads (DESIGN.md, "Prepared dataset folder").
+CONDITION_KEYS = {
+    "flame": "flame_file_name",
+    "depth": "depth_file_name",
+    "skeleton": "skeleton_file_name",
+}

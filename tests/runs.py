@@ -9,7 +9,7 @@ from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from controlnet_emo.config import Config
-from controlnet_emo.export import save_diffusers
+from controlnet_emo.export.formats import save_diffusers
 from controlnet_emo.models.sd import load_sd
 
 CONDITIONS = ["flame", "depth", "skeleton"]

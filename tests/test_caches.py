@@ -11,8 +11,7 @@ from controlnet_emo.data.latent_cache import encode_moments
 from controlnet_emo.models.sd import load_sd
 from controlnet_emo.models.text_cache import TextEmbeddingCache
 from controlnet_emo.training.loop import train
-
-from .conftest import DEMO_CONFIG, tiny_overrides
+from tests.conftest import DEMO_CONFIG, tiny_overrides
 
 
 def _ids(tokenizer, captions):

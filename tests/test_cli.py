@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from controlnet_emo.cli import main
-
-from .conftest import DEMO_CONFIG
+from controlnet_emo.cli.main import main
+from tests.conftest import DEMO_CONFIG
 
 
 def test_demo_runs_every_stage(tmp_path):

@@ -26,7 +26,7 @@ from conditioners.codes import (
 )
 from conditioners.flame_model import FlameModel
 from conditioners.render import crop_frame_box, project
-from controlnet_emo.data.synthetic_flame import build_synthetic_flame, face_codes
+from controlnet_emo.synthetic.flame import build_synthetic_flame, face_codes
 
 TRUE_CAM = np.array([7.0, 0.01, -0.012], np.float32)
 

@@ -24,7 +24,7 @@ from conditioners.skeleton import (
     SkeletonConditioner,
     draw_skeleton,
 )
-from controlnet_emo.data.synthetic import crop_to_emoca, render_face, sample_face_params
+from controlnet_emo.synthetic.faces import crop_to_emoca, render_face, sample_face_params
 
 
 def face(i: int, resolution: int = 256):
@@ -263,7 +263,7 @@ def test_depth_auto_uses_stored_maps_only_when_every_sample_has_one(tmp_path):
     from conditioners.depth import DEFAULT_MODEL, network_name
     from conditioners.prepare import plan_samples
     from controlnet_emo.config import load_config
-    from controlnet_emo.data.synthetic import write_raw_dataset
+    from controlnet_emo.synthetic.faces import write_raw_dataset
 
     raw = write_raw_dataset(tmp_path / "raw", 4, resolution=96)
     cfg = load_config(None)

@@ -5,11 +5,10 @@ import shutil
 import pytest
 
 from controlnet_emo import doctor
-from controlnet_emo.cli import main
+from controlnet_emo.cli.main import main
 from controlnet_emo.config import load_config
 from controlnet_emo.models.shipped import shipped_path
-
-from .conftest import DEMO_CONFIG, write_prepared
+from tests.conftest import DEMO_CONFIG, write_prepared
 
 
 def run_doctor(capsys, tmp_path, data, *extra):
@@ -137,7 +136,7 @@ def test_processes_come_from_the_accelerate_config_and_set_the_accumulation(
 
 def test_prepare_needs_are_checked_against_the_raw_folder(tmp_path, prepared, capsys, monkeypatch):
     """depth.model=auto needs ZoeDepth once a map is missing; skeleton.source=fan needs FAN."""
-    from controlnet_emo.data.synthetic import write_raw_dataset
+    from controlnet_emo.synthetic.faces import write_raw_dataset
 
     raw = tmp_path / "raw"
     write_raw_dataset(raw, n=4, resolution=64, seed=0)

@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet_emo.cli import add_evaluate_arguments, run_evaluate
-from controlnet_emo.evaluation import generate_batch, read_faces
-from controlnet_emo.inference import generate, load_pipeline
-from controlnet_emo.metrics import (
+from controlnet_emo.cli.generate import add_evaluate_arguments, run_evaluate
+from controlnet_emo.evaluation.evaluate import generate_batch, read_faces
+from controlnet_emo.evaluation.metrics import (
     ccc,
     emotion_metrics,
     heatmap_landmarks,
@@ -24,10 +23,10 @@ from controlnet_emo.metrics import (
     pearson,
     rmse,
 )
+from controlnet_emo.inference.infer import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
-
-from .conftest import write_prepared
-from .runs import make_run
+from tests.conftest import write_prepared
+from tests.runs import make_run
 
 # --------------------------------------------------------------------------------------------
 # Metric functions

@@ -13,7 +13,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from safetensors import safe_open
 
 from controlnet_emo.config import Config
-from controlnet_emo.export import (
+from controlnet_emo.export.formats import (
     add_export_arguments,
     export_run,
     run_export,
@@ -21,12 +21,11 @@ from controlnet_emo.export import (
     save_diffusers,
     write_single_file,
 )
-from controlnet_emo.model_card import write_model_card
-from controlnet_emo.model_info import SIDECAR, ExportError, read_model_info
+from controlnet_emo.export.model_card import write_model_card
+from controlnet_emo.export.model_info import SIDECAR, ExportError, read_model_info
+from controlnet_emo.export.original_layout import to_original_layout
 from controlnet_emo.models.sd import load_sd
-from controlnet_emo.original_layout import to_original_layout
-
-from .runs import CONDITIONS, make_run, random_controlnet
+from tests.runs import CONDITIONS, make_run, random_controlnet
 
 
 @pytest.fixture(scope="session")
@@ -240,7 +239,12 @@ def test_weights_carry_a_sha256_that_matches_and_changes_with_a_weight(tmp_path,
     from the tensors alone, and a changed weight no longer matches it."""
     from safetensors.torch import load_file, save_file
 
-    from controlnet_emo.export import HASH_KEY, check_weights, load_single_file, weights_sha256
+    from controlnet_emo.export.formats import (
+        HASH_KEY,
+        check_weights,
+        load_single_file,
+        weights_sha256,
+    )
 
     run, (net,) = make_run(tmp_path / "run", tiny_unet)
     (path,) = export_run(run)

@@ -19,7 +19,7 @@ from conditioners.flame_model import (
     LandmarkEmbedding,
     axis_angle_to_matrix,
 )
-from controlnet_emo.data.synthetic_flame import build_synthetic_flame, write_synthetic_flame
+from controlnet_emo.synthetic.flame import build_synthetic_flame, write_synthetic_flame
 
 
 @pytest.fixture(scope="module")

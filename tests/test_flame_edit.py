@@ -9,16 +9,15 @@ from PIL import Image
 
 from conditioners.codes import ExpressionMeans, blend_expression, read_codes
 from conditioners.flame_model import FlameModel
-from controlnet_emo.cli import main
-from controlnet_emo.data.synthetic_flame import (
+from conditioners.posed import draw, pose_folder
+from controlnet_emo.cli.main import main
+from controlnet_emo.synthetic.flame import (
     class_codes,
     face_codes,
     write_codes,
     write_synthetic_flame,
 )
-from controlnet_emo.flame_edit import draw, pose_folder
-
-from .runs import SIZE, make_run
+from tests.runs import SIZE, make_run
 
 CAM = np.array([7.0, 0.0, 0.01], np.float32)
 
@@ -145,7 +144,7 @@ def test_edit_keeps_identity_and_pose_of_the_codes(world):
 def test_skeleton_is_drawn_from_the_projected_landmark_embedding(world, tmp_path):
     from conditioners.flame_model import LandmarkEmbedding
     from conditioners.render import project
-    from controlnet_emo.flame_edit import landmark_skeleton
+    from controlnet_emo.inference.edit import landmark_skeleton
 
     root, _, model, _ = world
     rng = np.random.default_rng(3)

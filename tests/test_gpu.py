@@ -8,8 +8,7 @@ import torch
 
 from controlnet_emo.config import load_config
 from controlnet_emo.training.loop import train
-
-from .conftest import DEMO_CONFIG, tiny_overrides
+from tests.conftest import DEMO_CONFIG, tiny_overrides
 
 ALL_TERMS = {
     "loss.pixel_l1.weight": 0.1,

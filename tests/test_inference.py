@@ -17,10 +17,11 @@ from diffusers import (
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
-from controlnet_emo.cli import add_infer_arguments, run_infer
+from controlnet_emo.cli.generate import add_infer_arguments, run_infer
 from controlnet_emo.config import Config
-from controlnet_emo.export import export_run
-from controlnet_emo.inference import (
+from controlnet_emo.export.formats import export_run
+from controlnet_emo.export.model_info import SIDECAR, ModelInfo
+from controlnet_emo.inference.infer import (
     InferenceError,
     generate,
     infer,
@@ -28,10 +29,8 @@ from controlnet_emo.inference import (
     load_map,
     load_pipeline,
 )
-from controlnet_emo.model_info import SIDECAR, ModelInfo
 from controlnet_emo.models.sd import load_sd, resolve_pretrained
-
-from .runs import CONDITIONS, SIZE, make_run
+from tests.runs import CONDITIONS, SIZE, make_run
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +170,7 @@ def test_condition_order_comes_from_the_sidecar(tmp_path, maps):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"conditioning_channels": 9}))
     (folder / SIDECAR).write_text(json.dumps({"conditions": ["skeleton", "flame", "depth"]}))
-    from controlnet_emo.model_info import read_model_info
+    from controlnet_emo.export.model_info import read_model_info
 
     info = read_model_info(folder)
     assert info.conditions == ["skeleton", "flame", "depth"]

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from controlnet_emo.cli import prepare_demo_data
+from controlnet_emo.cli.demo import prepare_demo_data
 from controlnet_emo.config import load_config
 from controlnet_emo.data.dataset import collate, dataset_from_config, held_out_records
-from controlnet_emo.inference import load_pipeline
-from controlnet_emo.map_reliance import map_reliance
+from controlnet_emo.evaluation.map_reliance import map_reliance
+from controlnet_emo.inference.infer import load_pipeline
 from controlnet_emo.training.loop import train
-
-from .conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG
 
 STEPS, FACES, PROBED = 400, 200, 16
 """The maps take hold suddenly, after 200-300+ steps by the trajectory (three seeds of

@@ -8,7 +8,7 @@ import torch
 from diffusers import ControlNetModel, DDPMScheduler
 
 from controlnet_emo.config import load_config
-from controlnet_emo.losses import (
+from controlnet_emo.training.losses import (
     PixelLosses,
     diffusion_loss,
     diffusion_target,

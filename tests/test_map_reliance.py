@@ -7,10 +7,9 @@ import torch
 from diffusers import ControlNetModel
 
 from controlnet_emo.data.dataset import PreparedDataset, collate, read_metadata
-from controlnet_emo.inference import load_pipeline
-from controlnet_emo.map_reliance import map_reliance
-
-from .runs import CONDITIONS, SIZE, make_run
+from controlnet_emo.evaluation.map_reliance import map_reliance
+from controlnet_emo.inference.infer import load_pipeline
+from tests.runs import CONDITIONS, SIZE, make_run
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from controlnet_emo.cli import main
+from controlnet_emo.cli.main import main
 from controlnet_emo.config import load_config
 from controlnet_emo.training import checkpointing, loop
-
-from .conftest import DEMO_CONFIG, tiny_overrides
+from tests.conftest import DEMO_CONFIG, tiny_overrides
 
 # Everything resume must restore: EMA, a moving LR schedule, augmentations, dropout, and a
 # checkpoint cadence the signal does not fall on.

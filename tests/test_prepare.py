@@ -22,7 +22,7 @@ from conditioners.prepare import (
 )
 from conditioners.raw_data import read_raw_dataset, select_samples
 from controlnet_emo.config import load_config
-from controlnet_emo.data.synthetic import CSV_COLUMNS, write_raw_dataset
+from controlnet_emo.synthetic.faces import CSV_COLUMNS, write_raw_dataset
 
 N_SYNTH = 8
 BASE = "0/synth_00000"  # the synthetic sample the bad inputs are made from

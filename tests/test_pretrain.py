@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from controlnet_emo.cli import main
+from controlnet_emo.cli.main import main
 from controlnet_emo.models.emonet import build_emonet
 from controlnet_emo.models.face_critic import CriticShape, FaceCritic, save_face_critic
 from controlnet_emo.models.sd import load_sd, vae_scale_factor

@@ -9,7 +9,7 @@ import torch
 from conditioners.flame import crop_to_canvas, emoca_crop_box, warp_to_canvas
 from conditioners.flame_model import FlameModel
 from conditioners.render import crop_frame_box, rasterize, render_mesh
-from controlnet_emo.data.synthetic_flame import build_synthetic_flame, class_codes
+from controlnet_emo.synthetic.flame import build_synthetic_flame, class_codes
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlnet_emo.evaluation import read_faces
-from controlnet_emo.metrics import MIRROR_68, heatmap_landmarks, nme
+from controlnet_emo.evaluation.evaluate import read_faces
+from controlnet_emo.evaluation.metrics import MIRROR_68, heatmap_landmarks, nme
 from controlnet_emo.models.emonet import build_emonet
 from controlnet_emo.models.sd import load_sd, resolve_pretrained, vae_scale_factor
 from controlnet_emo.models.shipped import SHIPPED, WEIGHTS_DIR, shipped_path

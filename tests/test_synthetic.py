@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet_emo.data.synthetic import (
+from controlnet_emo.synthetic.faces import (
     CSV_COLUMNS,
     EMOCA_CROP_SIZE,
     EXPRESSIONS,

@@ -14,8 +14,7 @@ from controlnet_emo.models.sd import load_sd
 from controlnet_emo.training import checkpointing
 from controlnet_emo.training.loop import train
 from controlnet_emo.training.step import TrainModels, compute_losses
-
-from .conftest import DEMO_CONFIG, tiny_overrides
+from tests.conftest import DEMO_CONFIG, tiny_overrides
 
 
 def run(tmp_path, prepared, name, **extra):
@@ -220,7 +219,7 @@ def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):
 @pytest.mark.parametrize("recipe", ["stableface_best.yaml", "affectnet_fast.yaml", "demo.yaml"])
 def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
     """Each shipped recipe, with tiny stand-ins for its weights, runs and logs every term."""
-    from .test_critics import _tiny_taesd_folder
+    from tests.test_critics import _tiny_taesd_folder
 
     out = tmp_path / recipe
     stand_ins = {
@@ -246,7 +245,7 @@ def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
 def test_a_diverging_run_stops_with_one_line_and_finite_weights(tmp_path, prepared, capsys):
     """lr 1e8: the weights blow up, later losses are NaN; those steps are skipped, counted,
     and after train.max_bad_steps in a row the run stops (exit 3) with its weights finite."""
-    from controlnet_emo.cli import main
+    from controlnet_emo.cli.main import main
 
     out = tmp_path / "run"
     over = tiny_overrides(

@@ -17,18 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..config import Config
-from ..labels import EXPRESSION_WORDS
-from .batch import Batch
-from .transforms import paired_transform
+from controlnet_emo.config import Config
+from controlnet_emo.data.batch import Batch
+from controlnet_emo.data.transforms import paired_transform
+from controlnet_emo.labels import CONDITION_KEYS, EXPRESSION_WORDS
 
 log = logging.getLogger(__name__)
-
-CONDITION_KEYS = {
-    "flame": "flame_file_name",
-    "depth": "depth_file_name",
-    "skeleton": "skeleton_file_name",
-}
 
 
 @dataclass(frozen=True)

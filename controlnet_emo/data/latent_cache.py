@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .dataset import PreparedDataset, collate
+from controlnet_emo.data.dataset import PreparedDataset, collate
 
 log = logging.getLogger(__name__)
 

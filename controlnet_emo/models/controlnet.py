@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import Config
+from controlnet_emo.config import Config
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel

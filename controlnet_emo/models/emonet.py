@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..labels import EXPRESSIONS  # noqa: F401  (public: the head's class order)
+from controlnet_emo.labels import EXPRESSIONS  # noqa: F401  (public: the head's class order)
 
 """Class order of the 8-class model; the 5-class model has the first five."""
 
@@ -215,8 +215,8 @@ def build_emonet(spec: str, n_expression: int = 8) -> nn.Module:
     shipped critic's name (``demo-critic-train``, ``demo-critic-eval``), a face-critic folder
     (``train-critic``'s output), or "random" for plumbing tests that must run without the
     non-commercial weights. `n_expression` applies to "random" only."""
-    from .face_critic import is_face_critic_folder, load_face_critic
-    from .shipped import shipped_path
+    from controlnet_emo.models.face_critic import is_face_critic_folder, load_face_critic
+    from controlnet_emo.models.shipped import shipped_path
 
     if spec == "random":
         warnings.warn(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .shipped import shipped_path
-from .tiny import build_tiny_sd
+from controlnet_emo.models.shipped import shipped_path
+from controlnet_emo.models.tiny import build_tiny_sd
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, load_typed
-from ..losses import diffusion_loss
-from ..models.tiny import sd_pipeline, sd_training_scheduler, write_tiny_tokenizer
-from .faces import FaceSet, caption_words, render_faces
+from controlnet_emo.config import ConfigError, load_typed
+from controlnet_emo.models.tiny import sd_pipeline, sd_training_scheduler, write_tiny_tokenizer
+from controlnet_emo.pretrain.faces import FaceSet, caption_words, render_faces
+from controlnet_emo.training.losses import diffusion_loss
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, load_typed
-from ..metrics import ccc, flip_test_heatmap, heatmap_landmarks, nme, topk_accuracy
-from ..models.face_critic import HEATMAP_SIZE, CriticShape, FaceCritic, save_face_critic
-from .base import machine_description
-from .faces import FaceSet, render_faces
+from controlnet_emo.config import ConfigError, load_typed
+from controlnet_emo.evaluation.metrics import (
+    ccc,
+    flip_test_heatmap,
+    heatmap_landmarks,
+    nme,
+    topk_accuracy,
+)
+from controlnet_emo.models.face_critic import (
+    HEATMAP_SIZE,
+    CriticShape,
+    FaceCritic,
+    save_face_critic,
+)
+from controlnet_emo.pretrain.base import machine_description
+from controlnet_emo.pretrain.faces import FaceSet, render_faces
 
 log = logging.getLogger(__name__)
 CONTRACT_SIZE = 256  # what the losses feed a critic (losses.to_emonet_input)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.synthetic import caption, render_face, sample_face_params
+from controlnet_emo.synthetic.faces import caption, render_face, sample_face_params
 
 
 @dataclass

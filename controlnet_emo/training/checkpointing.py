@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..config import Config
+from controlnet_emo.config import Config
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"

@@ -21,8 +21,8 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, gradient_accumulation_steps
-from ..data.dataset import (
+from controlnet_emo.config import Config, gradient_accumulation_steps
+from controlnet_emo.data.dataset import (
     StreamSampler,
     class_balance_weights,
     collate,
@@ -30,15 +30,15 @@ from ..data.dataset import (
     held_out_records,
     read_metadata,
 )
-from ..fast_paths import use_fast_paths
-from ..models.controlnet import build_controlnet
-from ..models.sd import load_sd, vae_scale_factor
-from ..models.text_cache import TextEmbeddingCache
-from ..models.unet_tuning import configure_unet, save_unet
-from . import checkpointing
-from .divergence import DivergedError, non_finite_terms
-from .step import TrainModels, compute_losses
-from .validation import sample_grid, validation_loss
+from controlnet_emo.models.controlnet import build_controlnet
+from controlnet_emo.models.fast_paths import use_fast_paths
+from controlnet_emo.models.sd import load_sd, vae_scale_factor
+from controlnet_emo.models.text_cache import TextEmbeddingCache
+from controlnet_emo.models.unet_tuning import configure_unet, save_unet
+from controlnet_emo.training import checkpointing
+from controlnet_emo.training.divergence import DivergedError, non_finite_terms
+from controlnet_emo.training.step import TrainModels, compute_losses
+from controlnet_emo.training.validation import sample_grid, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def check_dataset(cfg: Config) -> None:
     """The training split's metadata parses and is not empty (ConfigError naming the file)."""
-    from ..config import ConfigError
+    from controlnet_emo.config import ConfigError
 
     path = Path(cfg.data.root) / "metadata.jsonl"
     try:
@@ -286,7 +286,7 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
     )
     pixel = None
     if cfg.loss.needs_decoder:
-        from ..losses import PixelLosses
+        from controlnet_emo.training.losses import PixelLosses
 
         pixel = (
             PixelLosses(cfg, sd.vae)
@@ -383,7 +383,12 @@ def cached_latents(
     cfg: Config, models: TrainModels, accelerator: Accelerator, records: list
 ) -> torch.Tensor:
     """VAE posteriors of the (centre-cropped) training images, encoded once by the main process."""
-    from ..data.latent_cache import cache_key, cache_path, encode_moments, load_or_build
+    from controlnet_emo.data.latent_cache import (
+        cache_key,
+        cache_path,
+        encode_moments,
+        load_or_build,
+    )
 
     folder = Path(cfg.output_dir) / "latent_cache"
     path = cache_path(folder, cfg.data.train_split, cfg.data.resolution, cfg.data.hflip)
@@ -447,8 +452,8 @@ def validate(
 
 def finalize(cfg: Config, accelerator: Accelerator, models: TrainModels, ema, step: int) -> None:
     """controlnet/ (diffusers), controlnet.safetensors (original layout), tuned UNet, card."""
-    from ..export import export_run, save_diffusers
-    from ..model_card import write_model_card
+    from controlnet_emo.export.formats import export_run, save_diffusers
+    from controlnet_emo.export.model_card import write_model_card
 
     out = Path(cfg.output_dir)
     controlnet = accelerator.unwrap_model(models.controlnet)

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import Config
-from ..data.batch import Batch
-from ..losses import diffusion_loss, diffusion_target, gradient_balance
-from ..models.controlnet import controlled_prediction
-from ..models.sd import SDComponents
-from ..models.text_cache import TextEmbeddingCache, encode_captions
+from controlnet_emo.config import Config
+from controlnet_emo.data.batch import Batch
+from controlnet_emo.models.controlnet import controlled_prediction
+from controlnet_emo.models.sd import SDComponents
+from controlnet_emo.models.text_cache import TextEmbeddingCache, encode_captions
+from controlnet_emo.training.losses import diffusion_loss, diffusion_target, gradient_balance
 
 if TYPE_CHECKING:
-    from ..losses import PixelLosses
+    from controlnet_emo.training.losses import PixelLosses
 
 
 @dataclass

@@ -16,10 +16,10 @@ from diffusers import UniPCMultistepScheduler
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
-from ..config import Config
-from ..data.batch import Batch
-from ..pipeline import MapGuidedControlNetPipeline
-from .step import TrainModels, compute_losses
+from controlnet_emo.config import Config
+from controlnet_emo.data.batch import Batch
+from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
+from controlnet_emo.training.step import TrainModels, compute_losses
 
 
 @torch.no_grad()

@@ -26,11 +26,17 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .atomic import atomic_write
-from .data.dataset import load_rgb as _load_training_map
-from .data.transforms import resize_center_crop
-from .fast_paths import use_fast_paths
-from .model_info import ExportError, ModelInfo, dtype_kwargs, load_controlnets, read_model_info
+from controlnet_emo.atomic import atomic_write
+from controlnet_emo.data.dataset import load_rgb as _load_training_map
+from controlnet_emo.data.transforms import resize_center_crop
+from controlnet_emo.export.model_info import (
+    ExportError,
+    ModelInfo,
+    dtype_kwargs,
+    load_controlnets,
+    read_model_info,
+)
+from controlnet_emo.models.fast_paths import use_fast_paths
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +92,8 @@ def load_pipeline(
     from diffusers import UNet2DConditionModel
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    from .models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
-    from .pipeline import MapGuidedControlNetPipeline
+    from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
+    from controlnet_emo.models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
 
     if scheduler not in SCHEDULERS:
         raise InferenceError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
@@ -130,7 +136,7 @@ def load_pipeline(
 
 def model_info(model: str | Path) -> ModelInfo:
     """read_model_info (a single file: its metadata), with its errors as InferenceError."""
-    from .export import read_single_file
+    from controlnet_emo.export.formats import read_single_file
 
     try:
         if Path(model).is_file():
@@ -142,7 +148,7 @@ def model_info(model: str | Path) -> ModelInfo:
 
 def _load_nets(model: str | Path, info: ModelInfo, dtype: torch.dtype | None) -> list[Any]:
     """The ControlNet(s) of a folder, or the one net of a single file (hash checked)."""
-    from .export import load_single_file
+    from controlnet_emo.export.formats import load_single_file
 
     try:
         if Path(model).is_file():

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
-from .config import Config, ConfigError, gradient_accumulation_steps
+from controlnet_emo.config import Config, ConfigError, gradient_accumulation_steps
 
 if TYPE_CHECKING:
     from conditioners.prepare import Plan
@@ -195,7 +195,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 
 def local_or_cached(spec: str, revision: str | None = None) -> Path | None:
     """A local folder, else the hub cache's copy of ``spec``: where from_pretrained reads."""
-    from .models.sd import looks_like_path
+    from controlnet_emo.models.sd import looks_like_path
 
     if Path(spec).is_dir():  # as given: the loaders do not expand ~ either
         return Path(spec)
@@ -240,7 +240,11 @@ def check_base_model(cfg: Config) -> tuple[list[Row], Path | None]:
 
     Returns the row and the diffusers folder (for counting parameters), None when there is none.
     """
-    from .models.sd import SINGLE_FILE_SUFFIXES, missing_model_message, resolve_pretrained
+    from controlnet_emo.models.sd import (
+        SINGLE_FILE_SUFFIXES,
+        missing_model_message,
+        resolve_pretrained,
+    )
 
     spec, name = cfg.model.pretrained, "base model"
     try:
@@ -270,7 +274,7 @@ def check_base_model(cfg: Config) -> tuple[list[Row], Path | None]:
 def check_controlnet_init(cfg: Config) -> list[Row]:
     """``model.controlnet.init``: a new net from the UNet, or existing folder(s) with the
     hint channels this config's conditions need."""
-    from .models.controlnet import CHANNELS_PER_CONDITION, init_folders
+    from controlnet_emo.models.controlnet import CHANNELS_PER_CONDITION, init_folders
 
     init, n = cfg.model.controlnet.init, len(cfg.conditions)
     if init == "from_unet":
@@ -296,7 +300,7 @@ def check_controlnet_init(cfg: Config) -> list[Row]:
 
 def check_decoder(cfg: Config) -> list[Row]:
     """The pixel-loss decoder, needed only when a pixel or emotion term has weight > 0."""
-    from .models.critics import TAESD_HUB_ID, missing_taesd_message
+    from controlnet_emo.models.critics import TAESD_HUB_ID, missing_taesd_message
 
     spec, name = cfg.model.decoder, "decoder"
     if not cfg.loss.needs_decoder:
@@ -327,7 +331,7 @@ def check_lpips(cfg: Config) -> list[Row]:
             return [Row("ok", name, backbone)]
         fix = "point model.lpips_backbone at torchvision's trunk file, or use pretrained"
         return [Row("missing", name, f"model.lpips_backbone: {backbone} is not a file", fix)]
-    from .models.critics import lpips_backbone_file, missing_lpips_message
+    from controlnet_emo.models.critics import lpips_backbone_file, missing_lpips_message
 
     path = lpips_backbone_file(cfg.model.lpips_net)
     if not path.is_file():
@@ -338,9 +342,9 @@ def check_lpips(cfg: Config) -> list[Row]:
 def check_emonet(cfg: Config) -> list[Row]:
     """``model.emonet`` (EmoNet file, face-critic folder, shipped name), when an emotion term
     has weight > 0; the same cases ``models.emonet.build_emonet`` tells apart."""
-    from .models.emonet import missing_weights_message
-    from .models.face_critic import CONFIG_NAME, WEIGHTS_NAME, is_face_critic_folder
-    from .models.shipped import shipped_path
+    from controlnet_emo.models.emonet import missing_weights_message
+    from controlnet_emo.models.face_critic import CONFIG_NAME, WEIGHTS_NAME, is_face_critic_folder
+    from controlnet_emo.models.shipped import shipped_path
 
     spec, name = cfg.model.emonet, "emotion critic"
     if not cfg.loss.needs_critic:
@@ -378,7 +382,7 @@ def check_dataset(
     A missing or unreadable file blocks: training would silently put another sample in its
     place (``PreparedDataset`` skips to the next one), which skews the data without a word.
     """
-    from .data.dataset import read_metadata
+    from controlnet_emo.data.dataset import read_metadata
 
     root = Path(cfg.data.root)
     name = "dataset"
@@ -671,9 +675,9 @@ def _count_on_meta(cfg: Config, base_folder: Path) -> Sizes:
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from .models.controlnet import build_controlnet, init_folders
-    from .models.sd import vae_scale_factor
-    from .models.unet_tuning import configure_unet
+    from controlnet_emo.models.controlnet import build_controlnet, init_folders
+    from controlnet_emo.models.sd import vae_scale_factor
+    from controlnet_emo.models.unet_tuning import configure_unet
 
     vae_config = AutoencoderKL.load_config(base_folder, subfolder="vae")
     vae = SimpleNamespace(config=SimpleNamespace(**vae_config))
@@ -744,7 +748,7 @@ def size_text(n_bytes: float) -> str:
 
 def check_output(cfg: Config, sizes: Sizes, n_train: int) -> list[Row]:
     """output_dir: writable, enough free disk for the checkpoints, and what resume will do."""
-    from .training.checkpointing import list_checkpoints, resolve_resume
+    from controlnet_emo.training.checkpointing import list_checkpoints, resolve_resume
 
     out = Path(cfg.output_dir)
     anchor = next(p for p in (out, *out.absolute().parents) if p.exists())

@@ -12,8 +12,8 @@ import json
 import re
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .config import Config
+from controlnet_emo.atomic import atomic_write_text
+from controlnet_emo.config import Config
 
 CONDITION_HELP = {
     "flame": "FLAME render (EMOCA geometry, RGB, on the photo's canvas)",

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_text
-from .config import Config, ConfigError, load_config
-from .models.controlnet import CHANNELS_PER_CONDITION
+from controlnet_emo.atomic import atomic_write_text
+from controlnet_emo.config import Config, ConfigError, load_config
+from controlnet_emo.models.controlnet import CHANNELS_PER_CONDITION
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""FLAME codes -> condition maps -> faces: the ``render`` and ``edit`` commands.
+"""FLAME codes -> condition maps -> faces: the ``edit`` command's work.
 
 Why: what users of a FLAME-driven ControlNet want most is to *change* a face, the same person
 with another emotion. EMOCA's codes separate who (shape), where (pose, camera) and what the
@@ -11,10 +11,7 @@ generation, same seed, so the original and edited faces differ by the edit alone
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +19,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from conditioners.codes import (
-    CameraFit,
-    Canvas,
-    CodesError,
     ExpressionMeans,
     FlameCodes,
     blend_expression,
-    camera_for,
-    canvas_for,
-    code_folders,
     expression_index,
-    parse_numbers,
-    read_codes,
-    render_codes,
-    sibling_render_crop,
 )
-from conditioners.depth import to_png_values
-from conditioners.flame_model import FlameModel, FlameModelError, LandmarkEmbedding
-from conditioners.io import write_png
+from conditioners.flame_model import FlameModel, LandmarkEmbedding
+from conditioners.posed import Posed, draw, pose_folder
 from conditioners.render import Render, project
-
-from .data.transforms import resize_center_crop
-from .labels import EXPRESSION_WORDS, EXPRESSIONS
+from controlnet_emo.data.transforms import resize_center_crop
+from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -53,116 +38,6 @@ SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 class EditError(ValueError):
     """A bad input to ``render`` / ``edit``, one line naming the file."""
-
-
-@dataclass
-class Posed:
-    """One face's codes with everything needed to draw it again: camera and canvas."""
-
-    codes: FlameCodes
-    fit: CameraFit
-    canvas: Canvas
-
-
-def pose_folder(
-    flame: FlameModel,
-    folder: str | Path,
-    cam: tuple[float, float, float] | None = None,
-    size: tuple[int, int] | None = None,
-) -> Posed:
-    """Read a code folder and settle its camera (given > cam.npy > fit to EMOCA's render)."""
-    codes = read_codes(folder)
-    crop = sibling_render_crop(folder) if cam is None and codes.cam is None else None
-    return Posed(codes, camera_for(flame, codes, cam, crop), canvas_for(folder, size))
-
-
-def draw(flame: FlameModel, posed: Posed, codes: FlameCodes | None = None) -> Render:
-    """``codes`` (default the folder's own) through the folder's camera onto its canvas."""
-    c = posed.canvas
-    return render_codes(flame, codes or posed.codes, posed.fit.cam, c.crop_box, c.size)
-
-
-# ---------------------------------------------------------------------------------------------
-# render
-
-
-def render_folders(
-    flame_model: str | Path,
-    codes: str | Path,
-    out: str | Path,
-    cam: tuple[float, float, float] | None = None,
-    size: tuple[int, int] | None = None,
-    depth: bool = False,
-) -> list[tuple[Path, CameraFit]]:
-    """One code folder -> one PNG, or a folder of code folders -> a folder of PNGs
-    (``<sub>/<stem>.png``); ``depth`` also writes ``<name>_depth.png`` (16-bit, near bright)."""
-    flame = FlameModel.from_file(flame_model)
-    codes, out = Path(codes), Path(out)
-    folders = code_folders(codes) if codes.is_dir() else []
-    if not folders:
-        raise EditError(f"{codes}: no code folder (shape.npy, exp.npy, pose.npy) here or below")
-    single = folders == [codes]
-    if not single and out.suffix.lower() == ".png":
-        raise EditError(f"{out}: --codes holds several code folders, so --out must be a folder")
-    written = []
-    for folder in folders:
-        posed = pose_folder(flame, folder, cam, size)
-        render = draw(flame, posed)
-        dst = out if single else out / folder.relative_to(codes).with_suffix(".png")
-        if single and out.suffix.lower() != ".png":
-            dst = out / f"{folder.name}.png"
-        write_png(dst, render.image_uint8())
-        if depth:
-            write_png(
-                dst.with_name(f"{dst.stem}_depth.png"), to_png_values(render.depth_float(), 16)
-            )
-        written.append((dst, posed.fit))
-    return written
-
-
-def add_render_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``controlnet-emo render``."""
-    p.add_argument("--flame-model", required=True, type=Path, help="FLAME .pkl / .npz (yours)")
-    p.add_argument(
-        "--codes", required=True, type=Path, help="EMOCA code folder, or a folder of them"
-    )
-    p.add_argument("--cam", help="orthographic camera s,tx,ty (default: cam.npy, else fitted)")
-    p.add_argument(
-        "--size",
-        help="canvas WxH, the crop its centred square (default: the original photo in a raw "
-        "folder, else EMOCA's 224 px crop frame)",
-    )
-    p.add_argument("--depth", action="store_true", help="also write <out>_depth.png (z-buffer)")
-    p.add_argument("--out", required=True, type=Path, help="PNG (or a folder)")
-
-
-def run_render(args: argparse.Namespace) -> int:
-    """The ``render`` subcommand: one line per PNG with its camera; bad input: one line, exit 2."""
-    try:
-        written = render_folders(
-            args.flame_model,
-            args.codes,
-            args.out,
-            cam=parse_numbers(args.cam, 3, "--cam") if args.cam else None,
-            size=_size(args.size),
-            depth=args.depth,
-        )
-    except (EditError, CodesError, FlameModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path, fit in written:
-        cam = ",".join(f"{v:.5g}" for v in fit.cam)
-        print(f"{path}  cam {cam} ({fit.method}, quality {fit.score:.3f})")
-    return 0
-
-
-def _size(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    w, h = parse_numbers(text, 2, "--size")
-    if w < 8 or h < 8 or w != int(w) or h != int(h):
-        raise CodesError(f"--size {text!r}: expected whole pixels, at least 8x8")
-    return int(w), int(h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +129,7 @@ def edit(
 
     Every input is read and rendered before the diffusion model loads.
     """
-    from .inference import generate, load_pipeline, model_info, save_png
+    from controlnet_emo.inference.infer import generate, load_pipeline, model_info, save_png
 
     target = expression_index(expression)
     strengths = SWEEP if sweep else (float(strength),)
@@ -327,70 +202,3 @@ def _grid(rows: list[list[tuple[str, Image.Image]]]) -> Image.Image:
             sheet.paste(tile.convert("RGB").resize((w, h)), (x * w, y * h))
             pen.text((x * w + 3, y * h + 2), label, fill=(255, 255, 0))
     return sheet
-
-
-def add_edit_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``controlnet-emo edit``."""
-    from .inference import SCHEDULERS, add_map_guidance_argument
-
-    p.add_argument("--model", required=True, type=Path, help="training run folder")
-    p.add_argument("--flame-model", required=True, type=Path, help="FLAME .pkl / .npz (yours)")
-    p.add_argument("--codes", required=True, type=Path, help="one EMOCA code folder")
-    p.add_argument("--expression", required=True, help=f"target class: {', '.join(EXPRESSIONS)}")
-    p.add_argument("--strength", type=float, default=0.8, help="0 = unchanged, 1 = class mean")
-    p.add_argument("--sweep", action="store_true", help=f"a row over strengths {SWEEP}")
-    p.add_argument("--prompt", help="default: 'a photo of a <expression> face'")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument(
-        "--expression-codes",
-        type=Path,
-        help=f"class means (default: {EXPRESSION_CODES} in the run's prepared dataset)",
-    )
-    p.add_argument(
-        "--landmark-embedding",
-        type=Path,
-        help="FLAME's 68-landmark embedding: draws the skeleton map (else it is left out)",
-    )
-    p.add_argument("--cam", help="orthographic camera s,tx,ty (default: cam.npy, else fitted)")
-    p.add_argument("--out", required=True, type=Path, help="sheet PNG")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    add_map_guidance_argument(p)
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
-    p.add_argument("--base", help="base SD model (default: the run's)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-
-
-def run_edit(args: argparse.Namespace) -> int:
-    """The ``edit`` subcommand: prints each written PNG; a bad input is one line, exit 2."""
-    from .inference import InferenceError
-
-    try:
-        written = edit(
-            args.model,
-            args.flame_model,
-            args.codes,
-            args.expression,
-            args.out,
-            strength=args.strength,
-            sweep=args.sweep,
-            prompt=args.prompt,
-            expression_codes=args.expression_codes,
-            landmark_embedding=args.landmark_embedding,
-            cam=parse_numbers(args.cam, 3, "--cam") if args.cam else None,
-            seed=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            scheduler=args.scheduler,
-            base=args.base,
-            device=args.device,
-            map_guidance=args.map_guidance,
-        )
-    except (EditError, CodesError, FlameModelError, InferenceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0

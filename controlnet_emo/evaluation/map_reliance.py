@@ -19,10 +19,10 @@ from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .data.batch import Batch
-from .losses import diffusion_target
-from .models.controlnet import controlled_prediction
-from .models.text_cache import encode_captions
+from controlnet_emo.data.batch import Batch
+from controlnet_emo.models.controlnet import controlled_prediction
+from controlnet_emo.models.text_cache import encode_captions
+from controlnet_emo.training.losses import diffusion_target
 
 PROBE_TIMESTEPS = (100, 300, 500, 700, 900)
 """Spread over the schedule: layout is decided at high noise, detail at low noise."""

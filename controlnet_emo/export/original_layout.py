@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .model_info import ExportError
+from controlnet_emo.export.model_info import ExportError
 
 ORIGINAL_PREFIX = "control_model."
 # The original hint encoder: conv_in at 0, six convs at 2..12 (SiLU between), conv_out at 14.

@@ -15,16 +15,15 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_write
-from .config import Config, ConfigError, load_config
-from .model_info import (
+from controlnet_emo.atomic import atomic_write
+from controlnet_emo.config import Config
+from controlnet_emo.export.model_info import (
     ExportError,
     ModelInfo,
     check_channels,
@@ -33,8 +32,8 @@ from .model_info import (
     read_model_info,
     write_sidecar,
 )
-from .models.controlnet import CHANNELS_PER_CONDITION
-from .original_layout import to_original_layout
+from controlnet_emo.export.original_layout import to_original_layout
+from controlnet_emo.models.controlnet import CHANNELS_PER_CONDITION
 
 log = logging.getLogger(__name__)
 
@@ -365,50 +364,3 @@ def _present(paths: Iterable[Path | None]) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # Command line (plugged into controlnet_emo.cli)
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def add_export_arguments(p: Any) -> None:
-    """``controlnet-emo export RUN_DIR [--format ...] [--out PATH] [--dtype ...]``."""
-    p.add_argument("run_dir", type=Path, help="run folder, or a ControlNet folder with its sidecar")
-    p.add_argument(
-        "--format",
-        dest="fmt",
-        choices=FORMATS,
-        default="single-file",
-        help="diffusers folder(s); one original-layout file (ComfyUI/A1111); "
-        "one file per condition (multi-mode runs)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="file (single-file), folder (multi) or ControlNet folder (diffusers); "
-        "default: inside the run folder",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=tuple(_DTYPES),
-        default=None,
-        help="cast the exported tensors (default: as trained)",
-    )
-
-
-def run_export(args: Any) -> int:
-    """The ``export`` subcommand: prints each written path; a bad input is one line, exit 2."""
-    try:
-        paths = export_run(
-            args.run_dir, args.fmt, args.out, _DTYPES[args.dtype] if args.dtype else None
-        )
-        if (Path(args.run_dir) / "config.yaml").is_file():
-            from .model_card import write_model_card
-
-            run = Path(args.run_dir)
-            write_model_card(run, load_config(run / "config.yaml"), read_model_info(run).steps)
-    except (ExportError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0

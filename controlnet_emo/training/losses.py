@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from torch.utils.checkpoint import checkpoint
 
-from .config import Config
+from controlnet_emo.config import Config
 
 
 def diffusion_target(
@@ -200,8 +200,8 @@ class PixelLosses(torch.nn.Module):
 
     def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str | None = None):
         super().__init__()
-        from .models.critics import load_decoder, load_lpips
-        from .models.emonet import build_emonet
+        from controlnet_emo.models.critics import load_decoder, load_lpips
+        from controlnet_emo.models.emonet import build_emonet
 
         weights = cfg.loss.weights()
         self.terms = tuple(k for k, w in weights.items() if k != "diffusion" and w > 0)

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from controlnet_emo.data.face_template import (
+from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
+from controlnet_emo.synthetic.face_template import (
     FACE_BACK,
     FOREHEAD_TOP,
     HEAD_CENTER_Y,
@@ -32,9 +33,7 @@ from controlnet_emo.data.face_template import (
     expression_weights,
     relief_maps,
 )
-from controlnet_emo.data.synthetic_flame import SyntheticCodes
-
-from ..labels import EXPRESSION_WORDS, EXPRESSIONS
+from controlnet_emo.synthetic.flame import SyntheticCodes
 
 EMOCA_CROP_SIZE = 224
 EMOCA_CROP_SCALE = 1.25  # crop side = scale * max(face w, h), centred on the face box

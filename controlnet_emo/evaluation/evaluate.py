@@ -33,12 +33,23 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import Config, load_config
-from .data.dataset import PreparedDataset, Record, collate, read_metadata
-from .eval_report import format_table, sample_row, write_maps_sweep, write_outputs
-from .inference import load_pipeline, model_info
-from .map_reliance import map_reliance
-from .metrics import crop_landmarks, emotion_metrics, flip_test_heatmap, heatmap_landmarks, nme
+from controlnet_emo.config import Config, load_config
+from controlnet_emo.data.dataset import PreparedDataset, Record, collate, read_metadata
+from controlnet_emo.evaluation.map_reliance import map_reliance
+from controlnet_emo.evaluation.metrics import (
+    crop_landmarks,
+    emotion_metrics,
+    flip_test_heatmap,
+    heatmap_landmarks,
+    nme,
+)
+from controlnet_emo.evaluation.report import (
+    format_table,
+    sample_row,
+    write_maps_sweep,
+    write_outputs,
+)
+from controlnet_emo.inference.infer import load_pipeline, model_info
 
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
     8: {
@@ -250,7 +261,7 @@ def evaluate(
     the emotion must come from the maps). Every input is checked before the pipeline loads,
     so a typo fails in the first second.
     """
-    from .models.emonet import build_emonet
+    from controlnet_emo.models.emonet import build_emonet
 
     if min(n, batch_size, steps) < 1:
         raise EvaluationError("--n, --batch-size and --steps must be at least 1")

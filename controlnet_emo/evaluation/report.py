@@ -15,8 +15,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .labels import EXPRESSIONS
-from .metrics import confusion_matrix
+from controlnet_emo.evaluation.metrics import confusion_matrix
+from controlnet_emo.labels import EXPRESSIONS
 
 KINDS = (("generated", "generated"), ("real", "target"), ("baseline", "no maps"))
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from controlnet_emo.config import RECIPES as REPO_CONFIGS
 from controlnet_emo.config import load_config
 from controlnet_emo.evaluation.evaluate import NEUTRAL_PROMPT, evaluate
+from controlnet_emo.models.sampling import Sampling
 
 VARIANTS = {
     "diffusion": [
@@ -95,13 +96,11 @@ def main() -> None:
             m = evaluate(
                 run,
                 cfg.data.root,
+                Sampling.validation(cfg, steps=args.eval_steps),
                 split=cfg.data.val_split,
                 n=args.n_eval,
                 out=run / f"eval_{prompt_name}",
                 emonet=args.critic,
-                steps=args.eval_steps,
-                guidance_scale=cfg.train.validation_guidance_scale,
-                map_guidance=cfg.train.validation_map_guidance,
                 prompt=prompt,
                 grid_rows=4,
                 batch_size=16,

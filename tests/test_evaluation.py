@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from controlnet_emo.cli.generate import add_evaluate_arguments, run_evaluate
-from controlnet_emo.evaluation.evaluate import generate_batch, read_faces
+from controlnet_emo.evaluation.evaluate import read_faces
 from controlnet_emo.evaluation.metrics import (
     ccc,
     emotion_metrics,
@@ -25,6 +25,7 @@ from controlnet_emo.evaluation.metrics import (
 )
 from controlnet_emo.inference.infer import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
+from controlnet_emo.models.sampling import Sampling, sample
 from tests.conftest import write_prepared
 from tests.runs import make_run
 
@@ -278,15 +279,16 @@ def test_batched_generation_is_what_infer_draws(run, tmp_path, mode):
     assert info.mode == mode
     maps = torch.rand(2, 9, 64, 64, generator=torch.Generator().manual_seed(3))
     prompts = ["a photo of a happy face", "a photo of a sad face"]
-    draw = dict(seed=7, steps=2, guidance_scale=7.5)
-    batch = generate_batch(pipe, info.mode, maps, prompts, **(draw | {"seed": [7, 8]}))
+    how = Sampling(seed=7, steps=2, guidance_scale=7.5)
+    batch = sample(pipe, info.conditions, info.mode, maps, prompts, [7, 8], how)
     for i in range(2):
-        single = generate(pipe, info, maps[i], prompts[i], seed=7 + i, steps=2)
+        single = generate(pipe, info, maps[i], prompts[i], Sampling(seed=7 + i, steps=2))
         single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
         assert (batch[i] - single_t).abs().max() <= 2 / 255
     # evaluate --controlnet-scale draws what infer --controlnet-scale does, and it matters
-    weak = generate_batch(pipe, info.mode, maps[:1], prompts[:1], controlnet_scale=0.2, **draw)
-    single = generate(pipe, info, maps[0], prompts[0], seed=7, steps=2, controlnet_scale=0.2)
+    weak_how = Sampling(seed=7, steps=2, controlnet_scale=0.2)
+    weak = sample(pipe, info.conditions, info.mode, maps[:1], prompts[:1], [7], weak_how)
+    single = generate(pipe, info, maps[0], prompts[0], weak_how)
     single_t = torch.from_numpy(np.asarray(single)).permute(2, 0, 1).float() / 255
     assert (weak[0] - single_t).abs().max() <= 2 / 255
     assert (weak[0] - batch[0]).abs().max() > 4 / 255

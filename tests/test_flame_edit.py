@@ -119,12 +119,13 @@ def test_edit_end_to_end_writes_the_sheet_and_the_sweep(world, run, tmp_path, ca
     out = tmp_path / "edit.png"
     assert cli(*common, *means, "--strength", "0.8", "--out", out) == 0
     sheet = Image.open(out)
-    assert sheet.size == (4 * SIZE, SIZE)  # photo | original | edited | generated
+    tile = max(SIZE, 256)  # panels shown at a size a person can judge
+    assert sheet.size == (4 * tile, tile)  # photo | original | edited | generated
     assert "happy" in sheet.text["controlnet_emo"] and (tmp_path / "edit_face.png").is_file()
-    tiles = np.asarray(sheet.convert("RGB")).reshape(SIZE, 4, SIZE, 3).transpose(1, 0, 2, 3)
-    assert tiles[1].max() > 0 and not np.array_equal(tiles[1][8:], tiles[2][8:])  # edited
+    tiles = np.asarray(sheet.convert("RGB")).reshape(tile, 4, tile, 3).transpose(1, 0, 2, 3)
+    assert tiles[1].max() > 0 and not np.array_equal(tiles[1][32:], tiles[2][32:])  # edited
     assert cli(*common, *means, "--sweep", "--out", tmp_path / "sweep.png") == 0
-    assert Image.open(tmp_path / "sweep.png").size == (6 * SIZE, 2 * SIZE)
+    assert Image.open(tmp_path / "sweep.png").size == (6 * tile, 2 * tile)
     capsys.readouterr()
     assert cli(*common, *means, "--expression", "joyful", "--out", out) == 2
     assert "choose one of neutral" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from controlnet_emo.inference.infer import (
     load_map,
     load_pipeline,
 )
+from controlnet_emo.models.sampling import Sampling
 from controlnet_emo.models.sd import load_sd, resolve_pretrained
 from tests.runs import CONDITIONS, SIZE, make_run
 
@@ -99,15 +100,15 @@ def test_generate_equals_a_plain_diffusers_pipeline(run, maps):
         for layout in (True, False)
     )
 
-    pipe, info = load_pipeline(run, device="cpu", map_guidance=False)
+    pipe, info = load_pipeline(run, Sampling(map_guidance=False), device="cpu")
     ours = load_condition_maps(info, SIZE, **maps)
     assert torch.equal(ours, hint[0])
-    image = generate(pipe, info, ours, "a photo of a happy face", seed=5, steps=2)
+    image = generate(pipe, info, ours, "a photo of a happy face", Sampling(seed=5, steps=2))
     assert np.array_equal(np.asarray(image), np.asarray(expected))
     gap = np.abs(np.asarray(image, np.int16) - np.asarray(nchw, np.int16))
     assert gap.max() <= 1
     without = generate(
-        pipe, info, torch.zeros_like(ours), "a photo of a happy face", seed=5, steps=2
+        pipe, info, torch.zeros_like(ours), "a photo of a happy face", Sampling(seed=5, steps=2)
     )
     assert not np.array_equal(np.asarray(without), np.asarray(image))  # the maps matter
 
@@ -123,17 +124,19 @@ def test_map_guidance_gives_the_unconditional_branch_zeroed_maps(run, maps):
         return forward(*args, **kwargs)
 
     pipe.controlnet.forward = spy
-    guided = np.asarray(generate(pipe, info, hint, "a face", seed=5, steps=2))
+    guided = np.asarray(generate(pipe, info, hint, "a face", Sampling(seed=5, steps=2)))
     uncond, cond = seen[0].chunk(2)  # diffusers' order: unconditional first
     assert torch.count_nonzero(uncond) == 0 and torch.equal(cond[0], hint)
     pipe.map_guidance = False
-    stock = np.asarray(generate(pipe, info, hint, "a face", seed=5, steps=2))
+    stock = np.asarray(generate(pipe, info, hint, "a face", Sampling(seed=5, steps=2)))
     assert torch.equal(seen[-1][0], hint)  # stock diffusers: both branches see the maps
     assert not np.array_equal(guided, stock)
     # without classifier-free guidance there is no unconditional branch: nothing changes
-    plain = [generate(pipe, info, hint, "a face", seed=5, steps=2, guidance_scale=1.0)]
+    plain = [generate(pipe, info, hint, "a face", Sampling(seed=5, steps=2, guidance_scale=1.0))]
     pipe.map_guidance = True
-    plain.append(generate(pipe, info, hint, "a face", seed=5, steps=2, guidance_scale=1.0))
+    plain.append(
+        generate(pipe, info, hint, "a face", Sampling(seed=5, steps=2, guidance_scale=1.0))
+    )
     assert np.array_equal(np.asarray(plain[0]), np.asarray(plain[1]))
 
 
@@ -157,10 +160,7 @@ def test_multi_mode_equals_a_plain_multicontrolnet_pipeline(tmp_path, tiny_unet,
         info,
         load_condition_maps(info, SIZE, **maps),
         "a face",
-        seed=1,
-        steps=2,
-        guidance_scale=1.0,
-        scales={"depth": 0.5},
+        Sampling(seed=1, steps=2, guidance_scale=1.0, scales={"depth": 0.5}),
     )
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
@@ -273,7 +273,8 @@ def test_cli_writes_png_with_text_chunks_and_reports_errors(run, maps, tmp_path,
     assert "Seed: 9" in text["parameters"]
     assert json.loads(text["controlnet_emo"])["inputs"]["depth"] == str(maps["depth"])
     sheet = Image.open(tmp_path / "face_sheet.png")
-    assert sheet.size == (4 * SIZE, SIZE)
+    tile = max(SIZE, 256)  # small faces are shown upscaled, at a size a person can judge
+    assert sheet.size == (4 * tile, tile)
     capsys.readouterr()
     bad = parser.parse_args(
         [
@@ -297,12 +298,14 @@ def test_folder_batch(run, tmp_path):
     for i in range(2):
         write_image(flames / f"f{i}.png", pattern(SIZE, SIZE, 10 + i))
         write_image(depths / f"f{i}.jpg", pattern(SIZE, SIZE, 20 + i)[..., 0])
-    written = infer(run, flames, "a face", tmp_path / "out", depth=depths, steps=1, device="cpu")
+    written = infer(
+        run, flames, "a face", tmp_path / "out", Sampling(steps=1), depth=depths, device="cpu"
+    )
     assert [p.name for p in written] == ["f0.png", "f1.png"]
     assert all(Image.open(p).size == (SIZE, SIZE) for p in written)
     write_image(flames / "f2.png", pattern(SIZE, SIZE, 12))  # no f2 depth map
     with pytest.raises(InferenceError, match="no depth image named f2"):
-        infer(run, flames, "a face", tmp_path / "out", depth=depths, steps=2)
+        infer(run, flames, "a face", tmp_path / "out", Sampling(steps=2), depth=depths)
 
 
 def test_reference_photo_derives_missing_maps(monkeypatch, tmp_path, maps):
@@ -358,7 +361,9 @@ def test_infer_from_the_single_file_alone(run, maps, tmp_path):
     """`infer --model controlnet.safetensors --base BASE`: the condition order and the net's
     config come from the file's metadata; the image equals the run folder's."""
     (file,) = export_run(run, out=tmp_path / "alone" / "controlnet.safetensors")
-    common = dict(prompt="a photo of a happy face", seed=3, steps=2, device="cpu")
+    common = dict(
+        prompt="a photo of a happy face", sampling=Sampling(seed=3, steps=2), device="cpu"
+    )
     (from_file,) = infer(file, maps["flame"], out=tmp_path / "file.png", base="tiny", **common)
     (from_run,) = infer(run, maps["flame"], out=tmp_path / "run.png", **common)
     image = np.asarray(Image.open(from_file))

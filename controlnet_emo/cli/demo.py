@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from controlnet_emo.config import RECIPES, Config, ConfigError, load_config
+from controlnet_emo.models.sampling import Sampling
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -100,9 +101,7 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         root / first.maps["flame"],
         prompt="a close-up photo of a happy face, smiling, facing the camera, brown hair",
         out=out / "infer" / "happy.png",
-        steps=cfg.train.validation_steps,
-        guidance_scale=cfg.train.validation_guidance_scale,
-        map_guidance=cfg.train.validation_map_guidance,
+        sampling=Sampling.validation(cfg),
         sheet=True,
         depth=root / first.maps["depth"] if "depth" in first.maps else None,
         skeleton=root / first.maps["skeleton"] if "skeleton" in first.maps else None,
@@ -110,12 +109,10 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
     evaluate(
         out,
         root,
+        Sampling.validation(cfg),
         split=cfg.data.val_split,
         n=DEMO_EVAL_SAMPLES,
-        steps=cfg.train.validation_steps,
         emonet=DEMO_EVAL_CRITIC,
-        guidance_scale=cfg.train.validation_guidance_scale,
-        map_guidance=cfg.train.validation_map_guidance,
         batch_size=DEMO_EVAL_BATCH,
     )
 
@@ -136,9 +133,7 @@ def demo_edit(cfg: Config, out: Path) -> None:
         codes_folder(raw, str(first)),
         "happy",
         out / "edit" / "happy_sweep.png",
+        Sampling.validation(cfg),
         sweep=True,
-        steps=cfg.train.validation_steps,
-        guidance_scale=cfg.train.validation_guidance_scale,
-        map_guidance=cfg.train.validation_map_guidance,
     )
     print(f"edit sheet: {paths[0]}")

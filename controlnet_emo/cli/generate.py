@@ -12,17 +12,62 @@ from conditioners.flame_model import FlameModelError
 from conditioners.posed import parse_size, render_folders
 from controlnet_emo.config import ConfigError
 from controlnet_emo.inference.edit import EXPRESSION_CODES, SWEEP, EditError, edit
-from controlnet_emo.inference.infer import (
-    SCHEDULERS,
-    InferenceError,
-    add_map_guidance_argument,
-    infer,
-)
+from controlnet_emo.inference.infer import InferenceError, infer
 from controlnet_emo.labels import EXPRESSIONS
+from controlnet_emo.models.sampling import SCHEDULERS, Sampling
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str = "noise seed") -> None:
+    """The flags of a `Sampling`, the same for infer, edit, evaluate (and the app's fields)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=0, help=seed_help)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument(
+        "--map-guidance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="classifier-free guidance over the maps too: the unconditional branch sees zeroed "
+        "maps (default on; --no-map-guidance draws what stock diffusers draws)",
+    )
+    g.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        default="unipc",
+        help="sampler (default unipc, as validation; 'default' = the base's own)",
+    )
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument(
+        "--controlnet-scale", type=float, default=1.0, help="overall ControlNet conditioning scale"
+    )
+    g.add_argument(
+        "--scale",
+        nargs="+",
+        default=[],
+        metavar="COND=S",
+        help="per-condition strength, e.g. --scale flame=1.0 depth=0.5",
+    )
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    """The `Sampling` the sampling flags describe."""
+    return Sampling(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        map_guidance=args.map_guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        controlnet_scale=args.controlnet_scale,
+        scales=parse_scales(args.scale),
+    )
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo evaluate``."""
+    add_sampling_arguments(
+        p, "sample i is drawn with noise seed SEED + i (its no-maps baseline too)"
+    )
 
     p.add_argument("run_dir", type=Path, help="training run folder")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
@@ -37,23 +82,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt", help="one prompt for every sample instead of its caption (e.g. neutral)"
     )
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    add_map_guidance_argument(p)
-    p.add_argument(
-        "--controlnet-scale",
-        type=float,
-        default=1.0,
-        help="overall ControlNet conditioning scale, as infer's (the baseline uses it too)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="the same seed for every sample, as infer")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
         "--no-baseline",
         action="store_true",
         help="skip the control generation with all condition maps zeroed",
     )
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
     p.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the training resolution)"
     )
@@ -71,22 +105,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         evaluate(
             args.run_dir,
             args.data,
+            sampling_from_args(args),
             split=args.split,
             n=args.n,
             out=args.out,
             emonet=args.emonet,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            controlnet_scale=args.controlnet_scale,
-            seed=args.seed,
             batch_size=args.batch_size,
             baseline=not args.no_baseline,
-            scheduler=args.scheduler,
             resolution=args.resolution,
             device=args.device,
             grid_rows=args.grid_rows,
             prompt=args.prompt,
-            map_guidance=args.map_guidance,
         )
     except (EvaluationError, InferenceError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -112,6 +141,7 @@ def parse_scales(items: list[str] | None) -> dict[str, float]:
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo infer`` (and ``python infer.py``)."""
+    add_sampling_arguments(p)
 
     p.add_argument(
         "--model",
@@ -139,30 +169,9 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
         help="depth network for --reference (default: the run's depth.model)",
     )
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
     p.add_argument("--out", required=True, type=Path, help="output PNG (or folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    add_map_guidance_argument(p)
     p.add_argument(
         "--base", help="base SD model (hub id, folder, .safetensors); default: the run's"
-    )
-    p.add_argument(
-        "--scale",
-        nargs="+",
-        default=[],
-        metavar="COND=S",
-        help="per-condition strength, e.g. --scale flame=1.0 depth=0.5",
-    )
-    p.add_argument(
-        "--controlnet-scale", type=float, default=1.0, help="overall ControlNet conditioning scale"
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=tuple(SCHEDULERS),
-        default="unipc",
-        help="sampler (default unipc, as validation; 'default' = the base's own)",
     )
     p.add_argument(
         "--resolution",
@@ -195,23 +204,16 @@ def run_infer(args: argparse.Namespace) -> int:
             args.flame,
             args.prompt,
             args.out,
+            sampling_from_args(args),
             depth=args.depth,
             skeleton=args.skeleton,
             reference=args.reference,
             base=args.base,
-            seed=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            scales=parse_scales(args.scale),
-            controlnet_scale=args.controlnet_scale,
             resolution=args.resolution,
-            scheduler=args.scheduler,
             sheet=args.sheet,
             device=args.device,
             dtype=dtypes[args.dtype],
             depth_model=args.depth_model,
-            map_guidance=args.map_guidance,
         )
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -259,6 +261,7 @@ def run_render(args: argparse.Namespace) -> int:
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``controlnet-emo edit``."""
+    add_sampling_arguments(p)
 
     p.add_argument("--model", required=True, type=Path, help="training run folder")
     p.add_argument("--flame-model", required=True, type=Path, help="FLAME .pkl / .npz (yours)")
@@ -267,7 +270,6 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.8, help="0 = unchanged, 1 = class mean")
     p.add_argument("--sweep", action="store_true", help=f"a row over strengths {SWEEP}")
     p.add_argument("--prompt", help="default: 'a photo of a <expression> face'")
-    p.add_argument("--negative-prompt", default="")
     p.add_argument(
         "--expression-codes",
         type=Path,
@@ -280,11 +282,6 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cam", help="orthographic camera s,tx,ty (default: cam.npy, else fitted)")
     p.add_argument("--out", required=True, type=Path, help="sheet PNG")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    add_map_guidance_argument(p)
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="unipc")
     p.add_argument("--base", help="base SD model (default: the run's)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
 
@@ -299,20 +296,15 @@ def run_edit(args: argparse.Namespace) -> int:
             args.codes,
             args.expression,
             args.out,
+            sampling_from_args(args),
             strength=args.strength,
             sweep=args.sweep,
             prompt=args.prompt,
             expression_codes=args.expression_codes,
             landmark_embedding=args.landmark_embedding,
             cam=parse_numbers(args.cam, 3, "--cam") if args.cam else None,
-            seed=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            scheduler=args.scheduler,
             base=args.base,
             device=args.device,
-            map_guidance=args.map_guidance,
         )
     except (EditError, CodesError, FlameModelError, InferenceError) as err:
         print(f"error: {err}", file=sys.stderr)

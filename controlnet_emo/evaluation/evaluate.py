@@ -28,7 +28,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -49,7 +48,9 @@ from controlnet_emo.evaluation.report import (
     write_maps_sweep,
     write_outputs,
 )
-from controlnet_emo.inference.infer import load_pipeline, model_info
+from controlnet_emo.export.model_info import ModelInfo
+from controlnet_emo.inference.infer import check_sampling, load_pipeline, model_info
+from controlnet_emo.models.sampling import Sampling, sample
 
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
     8: {
@@ -107,52 +108,14 @@ def row_seed(seed: int, i: int) -> int:
     return seed + i
 
 
-def generate_batch(
-    pipe: Any,
-    mode: str,
-    maps: Tensor,
-    prompts: list[str],
-    seed: int | list[int],
-    steps: int,
-    guidance_scale: float,
-    controlnet_scale: float = 1.0,
-) -> Tensor:
-    """(B,3N,H,W) maps -> (B,3,H,W) in [0,1], quantised to 8 bits as a saved PNG is.
-
-    One CPU generator per sample, seeded ``seed[i]`` (or ``seed`` for every sample): the noise
-    ``infer --seed`` draws for a single image, so any row can be redrawn alone.
-    ``controlnet_scale`` multiplies the ControlNet's residuals, as ``infer --controlnet-scale``.
-    """
-    b, _, h, w = maps.shape
-    image: Any = list(maps.split(3, dim=1)) if mode == "multi" else maps
-    seeds = seed if isinstance(seed, list) else [seed] * b
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    out = pipe(
-        prompts,
-        image=image,
-        height=h,
-        width=w,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        generator=gens,
-        controlnet_conditioning_scale=controlnet_scale,
-        output_type="np",
-    ).images
-    arr = (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)  # (B,H,W,3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
-
-
 def generate_and_read(
     pipe: Any,
-    mode: str,
+    info: ModelInfo,
     critic: torch.nn.Module,
     ds: PreparedDataset,
     prompts: list[str],
+    s: Sampling,
     *,
-    seed: int,
-    steps: int,
-    guidance_scale: float,
-    controlnet_scale: float,
     batch_size: int,
     baseline: bool,
     grid_rows: int,
@@ -160,7 +123,7 @@ def generate_and_read(
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], list[dict]]:
     """Draw and read every sample, batch by batch.
 
-    Sample i is drawn with noise seed ``seed + i``, its no-maps baseline too (each pair shares
+    Sample i is drawn with noise seed ``s.seed + i``, its no-maps baseline too (each pair shares
     its noise): the figures average over N noise draws, not one (one shared draw flattered
     the demo: top-1 0.59 against 0.47, NME 0.58x against 0.68x of no maps), and row i is
     redrawn with ``controlnet-emo infer --seed <seed + i>``.
@@ -181,19 +144,14 @@ def generate_and_read(
     for start in tqdm(range(0, len(ds), batch_size), desc="evaluate", unit="batch"):
         stop = min(start + batch_size, len(ds))
         batch = collate([ds[i] for i in range(start, stop)])
-        draw = dict(
-            prompts=prompts[start:stop],
-            seed=[row_seed(seed, i) for i in range(start, stop)],  # N noise draws, not one
-            steps=steps,
-            guidance_scale=guidance_scale,
-            controlnet_scale=controlnet_scale,
-        )
+        rows = prompts[start:stop], [row_seed(s.seed, i) for i in range(start, stop)]
         images = {
-            "generated": generate_batch(pipe, mode, batch.conditions, **draw),
+            "generated": sample(pipe, info.conditions, info.mode, batch.conditions, *rows, s),
             "real": (batch.pixel_values + 1) / 2,
-        }  # (B,3,H,W) in [0,1]
+        }  # (B,3,H,W) in [0,1]; N noise draws, not one
         if baseline:  # every map zeroed: what the base draws from the caption alone
-            images["baseline"] = generate_batch(pipe, mode, batch.conditions * 0, **draw)
+            zeroed = batch.conditions * 0
+            images["baseline"] = sample(pipe, info.conditions, info.mode, zeroed, *rows, s)
         read = {kind: read_faces(critic, images[kind]) for kind in kinds}
         target = targets[start:stop]
         known = target[:, :, 0].isfinite().all(dim=1)[:, None, None]  # (B,1,1)
@@ -237,22 +195,18 @@ def score(
 def evaluate(
     run: str | Path,
     data: str | Path,
+    sampling: Sampling | None = None,
+    *,
     split: str = "val",
     n: int = 64,
     out: str | Path | None = None,
     emonet: str | None = None,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    controlnet_scale: float = 1.0,
-    seed: int = 0,
     batch_size: int = 4,
     baseline: bool = True,
-    scheduler: str = "unipc",
     resolution: int | None = None,
     device: str | None = None,
     grid_rows: int = 8,
     prompt: str | None = None,
-    map_guidance: bool = True,
 ) -> dict[str, Any]:
     """Generate, read, score; write metrics.json, per_sample.jsonl, grid.png, confusion.png,
     valence_arousal.png; return metrics.
@@ -263,9 +217,11 @@ def evaluate(
     """
     from controlnet_emo.models.emonet import build_emonet
 
-    if min(n, batch_size, steps) < 1:
-        raise EvaluationError("--n, --batch-size and --steps must be at least 1")
+    s = sampling or Sampling()
+    if min(n, batch_size) < 1:
+        raise EvaluationError("--n and --batch-size must be at least 1")
     info = model_info(run)
+    check_sampling(s, info)
     cfg = load_config(info.run_dir / "config.yaml") if info.run_dir else Config()
     try:
         records = read_metadata(data, split, info.conditions)[:n]  # the first N: deterministic
@@ -281,7 +237,7 @@ def evaluate(
     warnings = [RANDOM_WARNING] if spec == "random" else []
     if spec != "random" and info.run_dir and spec == cfg.model.emonet:
         warnings.append(SELF_GRADING_WARNING.format(spec=spec))
-    pipe, info = load_pipeline(run, device=device, scheduler=scheduler, map_guidance=map_guidance)
+    pipe, info = load_pipeline(run, s, device=device)
     size = resolution or info.resolution
     ds = PreparedDataset(
         data, records, info.conditions, size, pipe.tokenizer, cfg.data.caption_template, train=False
@@ -289,14 +245,11 @@ def evaluate(
     prompts = [prompt if prompt is not None else ds.caption(r) for r in records]
     read, labels, shown = generate_and_read(
         pipe,
-        info.mode,
+        info,
         critic.to(pipe.device),
         ds,
         prompts,
-        seed=seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        controlnet_scale=controlnet_scale,
+        s,
         batch_size=batch_size,
         baseline=baseline,
         grid_rows=grid_rows,
@@ -317,12 +270,7 @@ def evaluate(
         if all(r.landmarks for r in records)
         else "target landmarks where recorded, else the critic on the target",
         "settings": {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "map_guidance": map_guidance,
-            "controlnet_scale": controlnet_scale,
-            "seed": seed,
-            "scheduler": scheduler,
+            **s.record(),
             "resolution": size,
             "batch_size": batch_size,
             "conditions": info.conditions,
@@ -336,20 +284,19 @@ def evaluate(
     } | score(read, labels, critic.n_expression)
     out = Path(out) if out is not None else Path(run) / "eval"
     samples = [
-        sample_row(i, r, prompts[i], read, labels) | {"seed": row_seed(seed, i)}
+        sample_row(i, r, prompts[i], read, labels) | {"seed": row_seed(s.seed, i)}
         for i, r in enumerate(records)
     ]
     written = write_outputs(out, metrics, samples, shown, read, labels, info.conditions)
     if shown:
-        follow = generate_batch(
+        follow = sample(
             pipe,
+            info.conditions,
             info.mode,
-            torch.stack([s["maps"] for s in shown]),
-            prompts=[NEUTRAL_PROMPT] * len(shown),
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            controlnet_scale=controlnet_scale,
+            torch.stack([row["maps"] for row in shown]),
+            [NEUTRAL_PROMPT] * len(shown),
+            [s.seed] * len(shown),
+            s,
         )
         written.append(write_maps_sweep(out / "maps_sweep.png", shown, follow, info.conditions))
     print(format_table(metrics))

@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from controlnet_emo.evaluation.metrics import confusion_matrix
 from controlnet_emo.labels import EXPRESSIONS
+from controlnet_emo.pictures import Panel, labelled_grid, save_sheet
 
 KINDS = (("generated", "generated"), ("real", "target"), ("baseline", "no maps"))
 
@@ -83,7 +83,7 @@ def write_outputs(
     )
     rows = []
     for i, (s, img) in enumerate(zip(samples, shown, strict=False)):
-        tiles = [(m, [c], None) for c, m in zip(conditions, img["maps"].split(3), strict=True)]
+        tiles = [Panel(m, [c]) for c, m in zip(conditions, img["maps"].split(3), strict=True)]
         for kind, title in KINDS:
             if kind not in img:
                 continue
@@ -93,11 +93,11 @@ def write_outputs(
                 ("label " + _describe(s["label"]) + "  " if kind == "real" else "")
                 + f"NME {nme:.3f}"
             )
-            tiles.append((img[kind], lines, read[kind]["landmarks"][i]))
+            tiles.append(Panel(img[kind], lines, read[kind]["landmarks"][i]))
         rows.append(tiles)
     written = [out / "metrics.json", out / "per_sample.jsonl"]
     if rows:  # --grid-rows 0: no picture
-        grid_image(rows).save(out / "grid.png")
+        save_sheet(labelled_grid(rows), out / "grid.png")
         written.append(out / "grid.png")
     n_classes = metrics["emonet"]["n_expression"]
     written.append(plot_confusion(read, labels["expression"], n_classes, out / "confusion.png"))
@@ -114,8 +114,8 @@ def write_maps_sweep(
     row (pose, position, mouth, brows) moved because the maps did; a ControlNet that ignored
     its maps would draw one face k times."""
 
-    def row(images, title: list[str]) -> list:  # the title on the first tile only
-        return [(img, title if i == 0 else [], None) for i, img in enumerate(images)]
+    def row(images, title: list[str]) -> list[Panel]:  # the title on the first tile only
+        return [Panel(img, title if i == 0 else []) for i, img in enumerate(images)]
 
     c = conditions.index("flame") if "flame" in conditions else 0  # the map to show
     rows = [
@@ -123,38 +123,7 @@ def write_maps_sweep(
         row(follow, ["same prompt and", "seed in each column"]),
         row([s["real"] for s in shown], ["target"]),
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows, min_tile=128).save(path)
-    return path
-
-
-def grid_image(
-    rows: list[list[tuple[Tensor, list[str], Tensor | None]]], min_tile: int = 256
-) -> Image.Image:
-    """Rows of (3,H,W) [0,1] tiles with text lines and (68,2) landmarks (or None) drawn on
-    them; small tiles are upscaled so the text stays readable."""
-    h = rows[0][0][0].shape[-1]
-    t = max(h, min_tile)
-    font = ImageFont.load_default(size=max(10, t // 20))
-    sheet = Image.new("RGB", (t * max(len(r) for r in rows), t * len(rows)))
-    draw = ImageDraw.Draw(sheet)
-    for y, row in enumerate(rows):
-        for x, (img, lines, points) in enumerate(row):
-            arr = (img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(arr).resize((t, t), Image.Resampling.NEAREST)
-            sheet.paste(tile, (x * t, y * t))
-            for px, py in ((points + 0.5) * t / h - 0.5).tolist() if points is not None else []:
-                cx, cy = x * t + px, y * t + py
-                draw.ellipse((cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5), fill=(0, 255, 255))
-            draw.multiline_text(
-                (x * t + 3, y * t + 2),
-                "\n".join(lines),
-                font=font,
-                fill=(255, 255, 0),
-                stroke_width=1,
-                stroke_fill=(0, 0, 0),
-            )
-    return sheet
+    return save_sheet(labelled_grid(rows, min_tile=128), path)
 
 
 def format_table(m: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from conditioners.codes import (
     ExpressionMeans,
@@ -29,6 +29,8 @@ from conditioners.posed import Posed, draw, pose_folder
 from conditioners.render import Render, project
 from controlnet_emo.data.transforms import resize_center_crop
 from controlnet_emo.labels import EXPRESSION_WORDS, EXPRESSIONS
+from controlnet_emo.models.sampling import Sampling
+from controlnet_emo.pictures import Panel, labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +109,17 @@ def edit(
     codes: str | Path,
     expression: str,
     out: str | Path,
+    sampling: Sampling | None = None,
+    *,
     strength: float = 0.8,
     sweep: bool = False,
     prompt: str | None = None,
     expression_codes: str | Path | None = None,
     landmark_embedding: str | Path | None = None,
     cam: tuple[float, float, float] | None = None,
-    seed: int = 0,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    negative_prompt: str = "",
-    scheduler: str = "unipc",
     base: str | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    map_guidance: bool = True,
 ) -> list[Path]:
     """Edit one face's expression and draw it: the sheet photo | original render | edited
     render | generated at ``out`` and the generated face beside it (``<out>_face.png``);
@@ -131,6 +129,7 @@ def edit(
     """
     from controlnet_emo.inference.infer import generate, load_pipeline, model_info, save_png
 
+    s = sampling or Sampling()
     target = expression_index(expression)
     strengths = SWEEP if sweep else (float(strength),)
     if any(not 0.0 <= s <= 1.0 for s in strengths):
@@ -151,13 +150,10 @@ def edit(
             skeleton = landmark_skeleton(flame, embedding, posed, c)
         maps.append(condition_maps(render, info.conditions, size, skeleton))
     prompt = prompt or f"a photo of a {EXPRESSION_WORDS[target]} face"
-    pipe, info = load_pipeline(model, base, device, dtype, scheduler, map_guidance)
-    faces = [
-        generate(pipe, info, m, prompt, negative_prompt, seed, steps, guidance_scale) for m in maps
-    ]
+    pipe, info = load_pipeline(model, s, base, device, dtype)
+    faces = [generate(pipe, info, m, prompt, s) for m in maps]
     settings = {
-        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-        "guidance_scale": guidance_scale, "map_guidance": map_guidance, "scheduler": scheduler,
+        "prompt": prompt, **s.record(),
         "model": str(model), "base": base or info.base_model, "codes": str(codes),
         "expression": EXPRESSIONS[target],
         "strengths": list(strengths), "camera": [round(float(v), 6) for v in posed.fit.cam],
@@ -168,18 +164,18 @@ def edit(
     original_tile = _tile(original.image_uint8(), size)
     edited_tiles = [_tile(r.image_uint8(), size) for r in renders]
     if sweep:
-        sheet = _grid(
-            [[("photo", photo)] + [(f"{s:g}", t) for s, t in zip(strengths, edited_tiles, strict=True)],
-             [("original", original_tile)] + [(EXPRESSIONS[target], f) for f in faces]]
+        sheet = labelled_grid(
+            [[Panel(photo, ["photo"])] + [Panel(e, [f"{v:g}"]) for v, e in zip(strengths, edited_tiles, strict=True)],
+             [Panel(original_tile, ["original"])] + [Panel(f, [EXPRESSIONS[target]]) for f in faces]]
         )  # fmt: skip
     else:
-        sheet = _grid([[("photo", photo), ("original", original_tile),
-                        (f"{EXPRESSIONS[target]} {strengths[0]:g}", edited_tiles[0]),
-                        ("generated", faces[0])]])  # fmt: skip
+        sheet = labelled_grid([[Panel(photo, ["photo"]), Panel(original_tile, ["original"]),
+                                Panel(edited_tiles[0], [f"{EXPRESSIONS[target]} {strengths[0]:g}"]),
+                                Panel(faces[0], ["generated"])]])  # fmt: skip
     written = [save_png(sheet, out, settings)]
-    for s, face in zip(strengths, faces, strict=True):
-        name = f"{out.stem}_face.png" if not sweep else f"{out.stem}_face_{s:g}.png"
-        written.append(save_png(face, out.with_name(name), {**settings, "strength": s}))
+    for value, face in zip(strengths, faces, strict=True):
+        name = f"{out.stem}_face.png" if not sweep else f"{out.stem}_face_{value:g}.png"
+        written.append(save_png(face, out.with_name(name), {**settings, "strength": value}))
     return written
 
 
@@ -190,15 +186,3 @@ def _tile(image: np.ndarray | None, size: int) -> Image.Image:
     t = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
     t = resize_center_crop(t, size)
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
-def _grid(rows: list[list[tuple[str, Image.Image]]]) -> Image.Image:
-    """Labelled tiles in rows (all tiles one size)."""
-    w, h = rows[0][0][1].size
-    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)))
-    pen = ImageDraw.Draw(sheet)
-    for y, row in enumerate(rows):
-        for x, (label, tile) in enumerate(row):
-            sheet.paste(tile.convert("RGB").resize((w, h)), (x * w, y * h))
-            pen.text((x * w + 3, y * h + 2), label, fill=(255, 255, 0))
-    return sheet

@@ -37,31 +37,12 @@ from controlnet_emo.export.model_info import (
     read_model_info,
 )
 from controlnet_emo.models.fast_paths import use_fast_paths
+from controlnet_emo.models.sampling import SCHEDULERS, Sampling, SamplingError, sample
+from controlnet_emo.pictures import Panel, labelled_grid, to_pil
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SCHEDULERS = {
-    "default": None,  # whatever the base model ships
-    "unipc": "UniPCMultistepScheduler",  # what training's validation grids use
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-}
-
-
-def add_map_guidance_argument(p: Any) -> None:
-    """``--map-guidance`` / ``--no-map-guidance`` of infer, evaluate and edit."""
-    import argparse
-
-    p.add_argument(
-        "--map-guidance",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="classifier-free guidance over the maps too: the unconditional branch sees zeroed "
-        "maps (default on; --no-map-guidance draws what stock diffusers draws)",
-    )
 
 
 class InferenceError(ValueError):
@@ -74,17 +55,16 @@ class InferenceError(ValueError):
 
 def load_pipeline(
     model: str | Path,
+    sampling: Sampling | None = None,
     base: str | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    scheduler: str = "unipc",
-    map_guidance: bool = True,
 ) -> tuple[Any, ModelInfo]:
     """A diffusers ControlNet pipeline for a run folder, an exported ControlNet folder or one
     of our single files (its embedded metadata says the conditions and the base).
 
-    ``map_guidance``: classifier-free guidance over the maps too (``pipeline.py``); False is
-    stock diffusers.
+    ``sampling`` sets the pipeline's sampler and its guidance over the maps
+    (``models/pipeline.py``; off is stock diffusers); the rest of it applies per call.
 
     The base comes from the run (config.yaml / sidecar / metadata) unless ``base`` overrides it. A tuned
     UNet saved with the run (``unet/`` or ``unet_lora/``) is loaded on top of the base.
@@ -95,8 +75,8 @@ def load_pipeline(
     from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
     from controlnet_emo.models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
 
-    if scheduler not in SCHEDULERS:
-        raise InferenceError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    sampling = sampling or Sampling()
+    set_scheduler(None, sampling.scheduler)  # a typo fails before any model loads
     info = model_info(model)
     base = base or info.base_model
     if not base:
@@ -126,8 +106,8 @@ def load_pipeline(
         ) from None
     if info.unet_lora is not None:
         pipe.load_lora_weights(str(info.unet_lora))
-    set_scheduler(pipe, scheduler)
-    pipe.map_guidance = map_guidance
+    set_scheduler(pipe, sampling.scheduler)
+    pipe.map_guidance = sampling.map_guidance
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     use_fast_paths(pipe.device, pipe.unet, pipe.controlnet, pipe.vae)
@@ -158,13 +138,14 @@ def _load_nets(model: str | Path, info: ModelInfo, dtype: torch.dtype | None) ->
         raise InferenceError(str(err)) from None
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the sampler, keeping the base's noise schedule (``from_config``)."""
+def set_scheduler(pipe: Any | None, name: str) -> None:
+    """Swap the sampler, keeping the base's noise schedule (``from_config``); with no pipe,
+    only check the name."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise InferenceError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] is not None:
+    if SCHEDULERS[name] is not None and pipe is not None:
         cls = getattr(diffusers, SCHEDULERS[name])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
@@ -273,66 +254,25 @@ def _warn_on_aspect_mismatch(paths: dict[str, str | Path]) -> None:
 
 
 def generate(
-    pipe: Any,
-    info: ModelInfo,
-    maps: torch.Tensor,
-    prompt: str,
-    negative_prompt: str = "",
-    seed: int = 0,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    scales: dict[str, float] | None = None,
-    controlnet_scale: float = 1.0,
+    pipe: Any, info: ModelInfo, maps: torch.Tensor, prompt: str, s: Sampling
 ) -> Image.Image:
-    """One image from prepared maps (3N, H, W).
-
-    ``scales``: per-condition strength. Multi mode: each net's conditioning scale. Stacked
-    mode: the condition's map is multiplied by it (0 = the map is absent, as in dropout).
-    Noise comes from a CPU generator, so a seed draws the same image on any device.
-    """
-    scales = check_scales(info, scales)
+    """One image from prepared maps (3N, H, W), drawn by the shared sampling path."""
     want = 3 * len(info.conditions)
     if maps.ndim != 3 or maps.shape[0] != want:
         raise InferenceError(
             f"maps have shape {tuple(maps.shape)}; this model needs ({want}, H, W)"
         )
-    height, width = maps.shape[-2:]
-    per_map = [maps[3 * i : 3 * i + 3][None] for i in range(len(info.conditions))]  # (1,3,H,W)
-    if info.mode == "multi":
-        image: Any = per_map
-        cond_scale: Any = [controlnet_scale * scales.get(c, 1.0) for c in info.conditions]
-    else:
-        image = torch.cat(
-            [
-                m * scales[c] if c in scales else m
-                for m, c in zip(per_map, info.conditions, strict=True)
-            ],
-            dim=1,
-        )
-        cond_scale = controlnet_scale
-    generator = torch.Generator("cpu").manual_seed(seed)
-    result = pipe(
-        prompt,
-        image=image,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt or None,
-        generator=generator,
-        controlnet_conditioning_scale=cond_scale,
-    )
-    return result.images[0]
+    check_sampling(s, info)
+    face = sample(pipe, info.conditions, info.mode, maps[None], [prompt], [s.seed], s)[0]
+    return to_pil(face)
 
 
-def check_scales(info: ModelInfo, scales: dict[str, float] | None) -> dict[str, float]:
-    scales = dict(scales or {})
-    unknown = sorted(set(scales) - set(info.conditions))
-    if unknown:
-        raise InferenceError(
-            f"--scale {unknown[0]}: not a condition of this model ({', '.join(info.conditions)})"
-        )
-    return scales
+def check_sampling(s: Sampling, info: ModelInfo) -> None:
+    """Sampling.check, with its errors as InferenceError (one line, exit 2)."""
+    try:
+        s.check(info.conditions)
+    except SamplingError as err:
+        raise InferenceError(str(err)) from None
 
 
 def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any]) -> Path:
@@ -368,26 +308,9 @@ def _a1111_parameters(s: dict[str, Any], size: tuple[int, int]) -> str:
 
 
 def condition_sheet(info: ModelInfo, maps: torch.Tensor, image: Image.Image) -> Image.Image:
-    """conditions | result, side by side, each tile labelled."""
-    from PIL import ImageDraw
-
-    tiles = [
-        (name, _to_pil(maps[3 * i : 3 * i + 3]).resize(image.size))
-        for i, name in enumerate(info.conditions)
-    ] + [("result", image.convert("RGB"))]
-    w, h = image.size
-    sheet = Image.new("RGB", (w * len(tiles), h))
-    draw = ImageDraw.Draw(sheet)
-    for i, (name, tile) in enumerate(tiles):
-        sheet.paste(tile, (i * w, 0))
-        draw.text((i * w + 3, 2), name, fill=(255, 255, 0))
-    return sheet
-
-
-def _to_pil(img: torch.Tensor) -> Image.Image:
-    """(3,H,W) in [0,1] -> RGB image."""
-    arr = (img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    """conditions | result, side by side, each panel labelled and shown at a readable size."""
+    panels = [Panel(maps[3 * i : 3 * i + 3], [name]) for i, name in enumerate(info.conditions)]
+    return labelled_grid([[*panels, Panel(image, ["result"])]])
 
 
 def _first_line(err: BaseException) -> str:
@@ -404,23 +327,17 @@ def infer(
     flame: str | Path,
     prompt: str,
     out: str | Path,
+    sampling: Sampling | None = None,
+    *,
     depth: str | Path | None = None,
     skeleton: str | Path | None = None,
     reference: str | Path | None = None,
+    depth_model: str | None = None,
     base: str | None = None,
-    seed: int = 0,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    negative_prompt: str = "",
-    scales: dict[str, float] | None = None,
-    controlnet_scale: float = 1.0,
     resolution: int | None = None,
-    scheduler: str = "unipc",
     sheet: bool = False,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    depth_model: str | None = None,
-    map_guidance: bool = True,
 ) -> list[Path]:
     """Generate one image (``flame`` a file) or one per file (``flame`` a folder).
 
@@ -430,26 +347,20 @@ def infer(
     """
     from tqdm.auto import tqdm
 
+    s = sampling or Sampling()
     info = model_info(model)
     info.depth_model = depth_model or info.depth_model
     size = resolution or info.resolution
     jobs = _jobs(Path(flame), Path(out), depth, skeleton, reference)
-    check_scales(info, scales)
+    check_sampling(s, info)
     prepared = [(dst, load_condition_maps(info, size, **src)) for dst, src in jobs]
-    pipe, info = load_pipeline(model, base, device, dtype, scheduler, map_guidance)
+    pipe, info = load_pipeline(model, s, base, device, dtype)
     settings = {
         "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "map_guidance": map_guidance,
-        "scheduler": scheduler,
+        **s.record(),
         "model": str(model),
         "base": base or info.base_model,
         "conditions": info.conditions,
-        "scales": dict(scales or {}),
-        "controlnet_scale": controlnet_scale,
         "resolution": size,
         "software": "controlnet-emo",
     }
@@ -457,18 +368,7 @@ def infer(
     for (dst, maps), (_, src) in tqdm(
         list(zip(prepared, jobs, strict=True)), desc="infer", unit="img", disable=len(prepared) == 1
     ):
-        image = generate(
-            pipe,
-            info,
-            maps,
-            prompt,
-            negative_prompt,
-            seed,
-            steps,
-            guidance_scale,
-            scales,
-            controlnet_scale,
-        )
+        image = generate(pipe, info, maps, prompt, s)
         inputs = {k: str(v) for k, v in src.items() if v is not None}
         written.append(save_png(image, dst, {**settings, "inputs": inputs}))
         if sheet:

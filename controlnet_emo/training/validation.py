@@ -1,7 +1,8 @@
 """Validation: a held-out loss with fixed noise, and a picture grid of what the model draws.
 
 The loss uses the same ``compute_losses`` as training with a fixed generator, so its curve is
-comparable across steps; the grid rows are conditions | generated | target.
+comparable across steps; the grid rows are conditions | generated | target, drawn by the
+sampling path infer uses (``models/sampling.py``).
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from diffusers import UniPCMultistepScheduler
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from PIL import Image
 
 from controlnet_emo.config import Config
 from controlnet_emo.data.batch import Batch
 from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
+from controlnet_emo.models.sampling import Sampling, sample
+from controlnet_emo.pictures import Panel, labelled_grid, save_sheet
 from controlnet_emo.training.step import TrainModels, compute_losses
 
 
@@ -65,8 +66,10 @@ def sample_grid(
     cfg: Config,
     path: Path,
 ) -> Path:
-    """Generate one image per validation sample and save the comparison grid as PNG."""
-    size = batch.pixel_values.shape[-1]
+    """Draw one face per validation sample and save the grid (maps | generated | target).
+
+    Sample i is drawn with noise seed ``cfg.seed + i`` through the path infer uses, so
+    ``controlnet-emo infer --seed`` redraws any row from the saved run."""
     if m.weight_dtype != torch.float32:
         # The ControlNet trains in fp32, and accelerate wraps its forward to return fp32, which
         # the bf16 / fp16 UNet's norms refuse: sample with an unwrapped copy in the UNet's dtype,
@@ -75,31 +78,25 @@ def sample_grid(
         controlnet = extract_model_from_parallel(controlnet, keep_fp32_wrapper=False)
         controlnet.to(m.weight_dtype)
     pipe = build_pipeline(m, controlnet, cfg.train.validation_map_guidance)
+    how = Sampling.validation(cfg)
+    mode = "multi" if isinstance(controlnet, MultiControlNetModel) else "stacked"
+    n = len(prompts)
+    maps = batch.conditions[:n].to(m.weight_dtype)  # (n,3N,H,W) in [0,1]
+    faces = torch.cat(  # one face at a time: the noise and memory of a single infer call
+        [
+            sample(
+                pipe, cfg.conditions, mode, maps[i : i + 1], prompts[i : i + 1], [cfg.seed + i], how
+            )
+            for i in range(n)
+        ]
+    )
     rows = []
-    for i, prompt in enumerate(prompts):
-        cond = batch.conditions[i : i + 1].to(m.weight_dtype)  # (1,3N,H,W) in [0,1]
-        image = list(cond.split(3, dim=1)) if isinstance(controlnet, MultiControlNetModel) else cond
-        g = torch.Generator().manual_seed(cfg.seed + i)
-        out = pipe(
-            prompt,
-            image=image,
-            height=size,
-            width=size,
-            generator=g,
-            num_inference_steps=cfg.train.validation_steps,
-            guidance_scale=cfg.train.validation_guidance_scale,
-            output_type="np",
-        ).images[0]
-        maps = [to_uint8(c) for c in batch.conditions[i].split(3, dim=0)]
-        target = to_uint8((batch.pixel_values[i] + 1) / 2)
-        rows.append(np.concatenate([*maps, (out * 255).round().astype(np.uint8), target], axis=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    tmp.replace(path)
-    return path
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3,H,W) in [0,1] -> (H,W,3) uint8."""
-    return (img.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    for i in range(n):
+        panels = [
+            Panel(c, [name] if i == 0 else [])
+            for name, c in zip(cfg.conditions, batch.conditions[i].split(3), strict=True)
+        ]
+        panels.append(Panel(faces[i], ["generated"] if i == 0 else []))
+        panels.append(Panel((batch.pixel_values[i] + 1) / 2, ["target"] if i == 0 else []))
+        rows.append(panels)
+    return save_sheet(labelled_grid(rows, min_tile=128), path)

@@ -20,20 +20,24 @@ render and the loss. The research reports +8 points top-1 (31 -> 39 %) from its 
 
 Prints a JSON line per (variant, prompt) and a Markdown table for BENCHMARKS.md; "maps x" is
 the held-out noise-prediction error with another sample's maps over that with the own maps
-(``controlnet_emo/map_reliance.py``): 1.00 means the ControlNet ignores its maps.
+(``controlnet_emo/evaluation/map_reliance.py``): 1.00 means the ControlNet ignores its maps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from controlnet_emo.config import RECIPES as REPO_CONFIGS
-from controlnet_emo.config import load_config
-from controlnet_emo.evaluation.evaluate import NEUTRAL_PROMPT, evaluate
-from controlnet_emo.models.sampling import Sampling
+# The checkout this script sits in, not whichever copy the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlnet_emo.config import RECIPES as REPO_CONFIGS  # noqa: E402
+from controlnet_emo.config import load_config  # noqa: E402
+from controlnet_emo.evaluation.evaluate import NEUTRAL_PROMPT, evaluate  # noqa: E402
+from controlnet_emo.models.sampling import Sampling  # noqa: E402
 
 VARIANTS = {
     "diffusion": [

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peer_speed import logged_rate  # noqa: E402
 
-from controlnet_emo.config import load_config  # noqa: E402
+from controlnet_emo.config import RECIPES, load_config  # noqa: E402
 from controlnet_emo.training.loop import train  # noqa: E402
 
 PHASES = {"diffusion": ["loss.pixel.start_step=100000"], "every_term": ["loss.pixel.start_step=0"]}
@@ -37,7 +37,7 @@ PHASES = {"diffusion": ["loss.pixel.start_step=100000"], "every_term": ["loss.pi
 def rate(data: Path, out: Path, steps: int, overrides: list[str]) -> float:
     """Median logged samples/s of one short demo-recipe run (its first 10 steps skipped)."""
     cfg = load_config(
-        ROOT / "configs" / "demo.yaml",
+        RECIPES / "demo.yaml",
         [
             f"output_dir={out}",
             f"data.root={data}",

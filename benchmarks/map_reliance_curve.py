@@ -4,7 +4,7 @@ Why: a ControlNet's zero convolutions make it leave the base untouched at first,
 take hold only after a while ("sudden convergence"); a demo that stops before then draws the
 base's faces whatever the render says. This trains one recipe in process with the trainer's
 own pieces (``build_models``, ``make_loader``, ``compute_losses``) and, every ``--every``
-steps, prints the held-out map reliance (``controlnet_emo/map_reliance.py``): the
+steps, prints the held-out map reliance (``controlnet_emo/evaluation/map_reliance.py``): the
 noise-prediction error with another sample's maps over that with the own maps (1.00: maps
 ignored). Compare recipes by running it once per ``--set`` list on the same data.
 
@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 
-from controlnet_emo.config import RECIPES as REPO_CONFIGS
-from controlnet_emo.config import load_config
-from controlnet_emo.data.dataset import collate, dataset_from_config, held_out_records
-from controlnet_emo.evaluation.map_reliance import map_reliance
-from controlnet_emo.training.loop import build_models, make_loader, make_optimizer
-from controlnet_emo.training.step import compute_losses
+# The checkout this script sits in, not whichever copy the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlnet_emo.config import RECIPES as REPO_CONFIGS  # noqa: E402
+from controlnet_emo.config import load_config  # noqa: E402
+from controlnet_emo.data.dataset import collate, dataset_from_config, held_out_records  # noqa: E402
+from controlnet_emo.evaluation.map_reliance import map_reliance  # noqa: E402
+from controlnet_emo.training.loop import build_models, make_loader, make_optimizer  # noqa: E402
+from controlnet_emo.training.step import compute_losses  # noqa: E402
 
 
 def main() -> None:

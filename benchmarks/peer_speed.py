@@ -117,6 +117,13 @@ def write_peer_dataset(python: str, prepared: Path, out: Path) -> None:
 # --- the two trainers ------------------------------------------------------------------------
 
 
+def recipe_path(repo: Path, name: str) -> Path:
+    """A shipped recipe in ``repo``: inside the package since the stage layout, in the
+    top-level ``configs/`` before it (``--baseline-repo`` may be an older checkout)."""
+    inside = repo / "controlnet_emo" / "configs" / name
+    return inside if inside.exists() else repo / "configs" / name
+
+
 def ours_command(
     repo: Path, model: Path, data: Path, out: Path, steps: int, cached: bool, compiled: bool = False
 ):
@@ -161,7 +168,7 @@ def ours_command(
         sys.executable,
         str(repo / "train_controlnet.py"),
         "--config",
-        str(repo / "configs" / "demo.yaml"),
+        str(recipe_path(repo, "demo.yaml")),
         *[f"--set={k}={v}" for k, v in sets.items()],
     ]
 

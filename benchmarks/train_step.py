@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controlnet_emo.config import Config, load_config  # noqa: E402
+from controlnet_emo.config import RECIPES, Config, load_config  # noqa: E402
 from controlnet_emo.models.fast_paths import use_fast_paths  # noqa: E402
 from controlnet_emo.training.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
 
@@ -131,12 +131,12 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
             "loss.emotion.arousal=0",
             "loss.emotion.expression=0",
         ]
-        return load_config(ROOT / "configs/stableface_best.yaml", fit + off), "full"
+        return load_config(RECIPES / "stableface_best.yaml", fit + off), "full"
     if name in ("research", "research_nockpt"):
-        cfg = load_config(ROOT / "configs/stableface_best.yaml", fit + _RANDOM_CRITICS)
+        cfg = load_config(RECIPES / "stableface_best.yaml", fit + _RANDOM_CRITICS)
         return cfg, "none" if name == "research_nockpt" else "full"
     if name == "fast":
-        fast = load_config(ROOT / "configs/affectnet_fast.yaml")
+        fast = load_config(RECIPES / "affectnet_fast.yaml")
         n = min(fast.loss.pixel.samples_per_batch or batch, batch)
         over = (
             fit
@@ -147,7 +147,7 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
                 f"loss.pixel.samples_per_batch={n}",
             ]
         )
-        return load_config(ROOT / "configs/affectnet_fast.yaml", over), "full"
+        return load_config(RECIPES / "affectnet_fast.yaml", over), "full"
     raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
 
 

@@ -218,7 +218,7 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5
     """Classifier-free guidance of the validation grids (and the demo's infer / evaluate)."""
     validation_map_guidance: bool = True
-    """The guidance is over the maps too (``pipeline.py``; ``infer --map-guidance``)."""
+    """The guidance is over the maps too (``models/pipeline.py``; ``infer --map-guidance``)."""
     report_to: str = "tensorboard"
 
 

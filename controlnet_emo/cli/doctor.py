@@ -472,7 +472,9 @@ def check_prepare(cfg: Config, raw: Path | None, prepared: bool) -> list[Row]:
     try:
         plan = plan_samples(Path(raw), cfg)
     except (FileNotFoundError, ValueError) as err:
-        return [Row("missing", "raw data", str(err), "see README, Real data, step 1")]
+        return [
+            Row("missing", "raw data", str(err), 'see README, "Real data, step by step", step 3')
+        ]
     if not plan.selected:
         return [Row("fail", "raw data", f"{raw}: no sample to prepare", "see prepare_report")]
     rows = [Row("ok", "raw data", f"{raw}: {len(plan.selected)} samples selected")]

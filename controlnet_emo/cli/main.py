@@ -99,7 +99,7 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Preflight of a run config (controlnet_emo/doctor.py): 0 when it would start, else 1."""
+    """Preflight of a run config (controlnet_emo/cli/doctor.py): 0 when it would start, else 1."""
     from controlnet_emo.cli.doctor import run_doctor
 
     return run_doctor(config_from_args(args), args)

@@ -19,7 +19,7 @@ real faces with one frozen critic (EmoNet, or a face critic with its contract):
 
 A critic must not grade its own pupil: ``evaluate`` warns when it is the run's training
 critic (the demo grades with ``demo-critic-eval``, trained apart from ``demo-critic-train``).
-Metrics live in ``metrics.py``, the files and pictures in ``eval_report.py``.
+Metrics live in ``metrics.py``, the files and pictures in ``report.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ from controlnet_emo.evaluation.report import (
     sample_row,
     write_maps_sweep,
     write_outputs,
+)
+from controlnet_emo.evaluation.structure import (
+    face_regions,
+    structure_scores,
+    summarize_structure,
+    to_grey,
 )
 from controlnet_emo.export.model_info import ModelInfo
 from controlnet_emo.inference.infer import check_sampling, load_pipeline, model_info
@@ -138,6 +144,7 @@ def generate_and_read(
     from tqdm.auto import tqdm
 
     kinds = ["generated", "real"] + (["baseline"] if baseline else [])
+    region_map = info.conditions.index("flame") if "flame" in info.conditions else 0
     reads: dict[str, list[dict[str, Tensor]]] = {k: [] for k in kinds}
     labels: dict[str, list[Tensor]] = {"expression": [], "valence": [], "arousal": []}
     shown: list[dict[str, Tensor]] = []
@@ -156,8 +163,11 @@ def generate_and_read(
         target = targets[start:stop]
         known = target[:, :, 0].isfinite().all(dim=1)[:, None, None]  # (B,1,1)
         reference = torch.where(known, target, read["real"]["landmarks"])
+        render = batch.conditions[:, 3 * region_map : 3 * region_map + 3]  # (B,3,H,W)
+        read["real"]["region"] = face_regions(render)  # for the structure measures
         for kind in kinds:
             read[kind]["nme"] = nme(read[kind]["landmarks"], reference)
+            read[kind]["grey"] = to_grey(images[kind].cpu())  # (B,1,64,64): small, kept for all
             reads[kind].append(read[kind])
         for key in labels:
             labels[key].append(getattr(batch, key))
@@ -282,11 +292,27 @@ def evaluate(
         },
         "map_reliance": map_reliance(pipe, batches),
     } | score(read, labels, critic.n_expression)
+    structure = {
+        kind: structure_scores(read[kind]["grey"], read["real"]["grey"], read["real"]["region"])
+        for kind in ("generated", "baseline")
+        if kind in read
+    }
+    metrics["structure"] = {kind: summarize_structure(v) for kind, v in structure.items()}
+    real_nme = metrics["real"].get("nme", math.nan)
+    metrics["generated"]["nme_over_real"] = (
+        metrics["generated"].get("nme", math.nan) / real_nme if real_nme > 0 else math.nan
+    )
     out = Path(out) if out is not None else Path(run) / "eval"
-    samples = [
-        sample_row(i, r, prompts[i], read, labels) | {"seed": row_seed(s.seed, i)}
-        for i, r in enumerate(records)
-    ]
+    samples = []
+    for i, r in enumerate(records):
+        row = sample_row(i, r, prompts[i], read, labels) | {"seed": row_seed(s.seed, i)}
+        for kind, v in structure.items():
+            row[kind] |= {
+                "ssim_own": float(v["ssim_own"][i]),
+                "ssim_margin": float(v["ssim_margin"][i]),
+                "own_target_is_best": bool(v["own_is_best"][i]),
+            }
+        samples.append(row)
     written = write_outputs(out, metrics, samples, shown, read, labels, info.conditions)
     if shown:
         follow = sample(

@@ -165,7 +165,33 @@ def format_table(m: dict[str, Any]) -> str:
             f"another sample's {r['shuffled']:.4f} (x{r['shuffled_over_own']:.2f}), "
             f"none {r['none']:.4f} (x{r['none_over_own']:.2f})"
         )
+    lines += structure_lines(m)
     return "\n".join(lines)
+
+
+def structure_lines(m: dict[str, Any]) -> list[str]:
+    """The figures no critic gives (``structure.py``) beside the critic's: each claim needs both."""
+    if "structure" not in m:
+        return []
+    g, b = m["structure"]["generated"], m["structure"].get("baseline")
+
+    def none(key: str, fmt: str) -> str:  # the no-maps baseline's figure, where drawn
+        return f" (no maps {b[key]:{fmt}})" if b else ""
+
+    lines = [
+        "structure (no critic; grey 64 px, inside each target's face region):",
+        f"  own target the most similar: {g['own_target_top1']:.0%}{none('own_target_top1', '.0%')}"
+        f", chance {g['chance']:.0%}",
+        f"  SSIM margin, own target over the others: {g['ssim_margin']:.3f}"
+        f"{none('ssim_margin', '.3f')}",
+        f"  sharpness, of the targets': {g['sharpness_ratio']:.2f}{none('sharpness_ratio', '.2f')}",
+    ]
+    ratio = m["generated"].get("nme_over_real", math.nan)
+    if isinstance(ratio, float) and math.isfinite(ratio):
+        lines.append(
+            f"  critic's NME on the generated faces, of its NME on the targets: {ratio:.1f}x"
+        )
+    return lines
 
 
 def _pyplot():

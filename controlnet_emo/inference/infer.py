@@ -4,7 +4,7 @@ Why diffusers: with ``map_guidance`` off, what ``controlnet-emo infer`` draws is
 user gets from the same base, ControlNet, scheduler and seed (tested: bit for bit with the nets
 in channels_last, the layout ``load_pipeline`` runs them in for speed; within one 8-bit level in
 PyTorch's default layout), so results can be reproduced without this package. With it on (the default), the pipeline's
-unconditional branch sees zeroed maps (``pipeline.py``: one overridden method). What we add
+unconditional branch sees zeroed maps (``models/pipeline.py``: one overridden method). What we add
 is the bookkeeping a 9-channel ControlNet needs: the maps are put in the order the model's
 sidecar records (never the command-line order), resized the way training resized them, and
 missing maps are zeros (what condition dropout trained for).

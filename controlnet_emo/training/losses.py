@@ -194,7 +194,7 @@ class PixelLosses(torch.nn.Module):
     The forward keeps only each sample's x0 and decoded image; backward recomputes one
     sample's critic or decoder at a time, so the memory the pixel terms add is about one
     sample's largest piece whatever the batch, for one extra decoder and critic forward.
-    Chunks of 8 samples were no faster on an H200 (BENCHMARKS.md, "GPU benchmark").
+    Chunks of 8 samples were no faster on an H200 (BENCHMARKS.md, "Tried, not kept").
     'blocks' is the decoder's own checkpointing alone, 'none' keeps everything.
     """
 

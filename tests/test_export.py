@@ -267,3 +267,29 @@ def test_weights_carry_a_sha256_that_matches_and_changes_with_a_weight(tmp_path,
     save_file(state, str(tampered), metadata=meta)  # the old hash, a new weight
     with pytest.raises(ExportError, match="tampered.safetensors: weights do not match"):
         load_single_file(tampered)
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
+)
+def test_exported_model_files_carry_the_umask_modes_not_0600(
+    tmp_path, tiny_unet, umask, file_mode, dir_mode
+):
+    """Every format, as open() and mkdir would have made it: a colleague or a ComfyUI running
+    as another user reads what a 0o022 umask shares (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        run, _ = make_run(tmp_path / "run", tiny_unet)
+        written = [*export_run(run), *export_run(run, "diffusers", tmp_path / "cn")]
+        multi, _ = make_run(tmp_path / "multi", tiny_unet, mode="multi")
+        written += export_run(multi, "multi", tmp_path / "files")
+    finally:
+        os.umask(old)
+    folders = [run / "controlnet", tmp_path / "cn", multi / "controlnet_2"]
+    files = [p for p in written if p.is_file()] + [f for d in folders for f in d.iterdir()]
+    assert len(files) == 1 + 3 + 3 * 3  # single, 3 multi files, 3 folders' files
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys(files, file_mode)
+    assert {stat.S_IMODE(d.stat().st_mode) for d in folders} == {dir_mode}

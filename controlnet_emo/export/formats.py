@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from controlnet_emo.atomic import atomic_write
+from controlnet_emo.atomic import atomic_write, set_usual_modes
 from controlnet_emo.config import Config
 from controlnet_emo.export.model_info import (
     ExportError,
@@ -129,6 +129,7 @@ def _save_folder(net: torch.nn.Module, folder: Path, info: dict[str, Any]) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp, safe_serialization=True)
     write_sidecar(tmp, {**info, "weights_sha256": weights_sha256(net.state_dict())})
+    set_usual_modes(tmp)  # safetensors writes 0600: others on the machine must read it too
     old = folder.with_name(folder.name + f".old{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
@@ -355,6 +356,7 @@ def _export_diffusers(nets: list[Any], info: ModelInfo, out: Path | None) -> lis
         target = out / extra.name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(extra, target)
+        set_usual_modes(target)  # copytree keeps the source's modes (0600 from safetensors)
     return folders
 
 

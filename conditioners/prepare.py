@@ -198,19 +198,23 @@ def resolve_flame_source(
 
 def resolve_depth_source(model: str, raw_dir: Path, selected: list[RawSample]) -> str:
     """``depth.model: auto`` -> 'precomputed' when RAW/depth/ has a map for every selected
-    sample (synthetic and pre-processed data ship them), else the default depth model.
+    sample whose original is on disk (synthetic and pre-processed data ship them), else the
+    default depth model.
 
     Decided once for the whole job, before any shard starts: mixing sources would give one
-    dataset two depth conventions. Other values pass through unchanged.
+    dataset two depth conventions. A row whose original is missing is skipped later
+    (``missing_file``) whatever makes depth, so it has no say here: one such row must not make
+    the job demand a depth network for everything. Other values pass through unchanged.
     """
     if model != AUTO:
         return model
-    missing = PrecomputedDepth(raw_dir).missing([s.key for s in selected])
+    present = [s.key for s in selected if s.image_path.is_file()]
+    missing = PrecomputedDepth(raw_dir).missing(present)
     if not missing:
         return PRECOMPUTED
     logger.info(
-        "depth.model=auto: %d of %d selected samples have no map under %s (e.g. %s); "
-        "running %s", len(missing), len(selected), raw_dir / "depth", missing[0], DEFAULT_MODEL,
+        "depth.model=auto: %d of %d samples with an original have no map under %s (e.g. %s); "
+        "running %s", len(missing), len(present), raw_dir / "depth", missing[0], DEFAULT_MODEL,
     )  # fmt: skip
     return DEFAULT_MODEL
 

@@ -478,6 +478,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.pixel.max_timestep: must be in (0, 1000]")
     if cfg.loss.pixel.start_step < 0:
         raise ConfigError(f"loss.pixel.start_step: {cfg.loss.pixel.start_step}, must be >= 0")
+    _check_first_steps_train(cfg.loss)
     if cfg.loss.pixel.balance is not None and not cfg.loss.pixel.balance > 0:
         raise ConfigError(f"loss.pixel.balance: {cfg.loss.pixel.balance}, must be > 0 or null")
     n = cfg.loss.pixel.samples_per_batch
@@ -496,6 +497,19 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume not in (None, "latest") and not Path(cfg.train.resume).is_dir():
         raise ConfigError(
             f"train.resume: {cfg.train.resume} is not 'latest' or a checkpoint folder"
+        )
+
+
+def _check_first_steps_train(loss: LossConfig) -> None:
+    """Every optimizer step needs at least one active term: the pixel and emotion terms wait
+    for ``loss.pixel.start_step``, so with the diffusion term off the steps before it would
+    have nothing to backpropagate (a crash at step 0, not a slow start)."""
+    start = loss.pixel.start_step
+    if loss.diffusion.weight == 0 and start > 0:
+        raise ConfigError(
+            f"loss.diffusion.weight is 0 and loss.pixel.start_step is {start}: steps 0-{start - 1} "
+            "would have no active loss term; give loss.diffusion.weight a weight > 0 "
+            "or set loss.pixel.start_step=0"
         )
 
 

@@ -133,3 +133,22 @@ def test_cluster_templates_resume_latest_under_accelerate_launch():
     from controlnet_emo.training.checkpointing import PREEMPTED_EXIT_CODE
 
     assert PREEMPTED_EXIT_CODE == 85
+
+
+def test_a_run_whose_first_steps_have_no_active_term_is_refused(tmp_path, capsys):
+    """Diffusion off while the pixel and emotion terms wait for their start step: steps before
+    it would have nothing to backpropagate. Refused by name before anything loads."""
+    from controlnet_emo.cli.main import main
+
+    off = ["loss.diffusion.weight=0", "loss.pixel.start_step=500"]
+    with pytest.raises(ConfigError, match=r"loss\.diffusion\.weight.*loss\.pixel\.start_step"):
+        load_config("demo", off)
+    out = tmp_path / "run"
+    args = ["train", "--config", "demo", "--set", f"output_dir={out}"]
+    assert main([*args, *(a for kv in off for a in ("--set", kv))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss.diffusion.weight" in err and "loss.pixel.start_step" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    # either term scheduled from step 0 is a run that trains
+    load_config("demo", ["loss.diffusion.weight=0", "loss.pixel.start_step=0"])
+    load_config("demo", ["loss.pixel.start_step=500"])

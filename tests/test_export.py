@@ -267,3 +267,106 @@ def test_weights_carry_a_sha256_that_matches_and_changes_with_a_weight(tmp_path,
     save_file(state, str(tampered), metadata=meta)  # the old hash, a new weight
     with pytest.raises(ExportError, match="tampered.safetensors: weights do not match"):
         load_single_file(tampered)
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
+)
+def test_exported_model_files_carry_the_umask_modes_not_0600(
+    tmp_path, tiny_unet, umask, file_mode, dir_mode
+):
+    """Every format, as open() and mkdir would have made it: a colleague or a ComfyUI running
+    as another user reads what a 0o022 umask shares (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        run, _ = make_run(tmp_path / "run", tiny_unet)
+        written = [*export_run(run), *export_run(run, "diffusers", tmp_path / "cn")]
+        multi, _ = make_run(tmp_path / "multi", tiny_unet, mode="multi")
+        written += export_run(multi, "multi", tmp_path / "files")
+    finally:
+        os.umask(old)
+    folders = [run / "controlnet", tmp_path / "cn", multi / "controlnet_2"]
+    files = [p for p in written if p.is_file()] + [f for d in folders for f in d.iterdir()]
+    assert len(files) == 1 + 3 + 3 * 3  # single, 3 multi files, 3 folders' files
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys(files, file_mode)
+    assert {stat.S_IMODE(d.stat().st_mode) for d in folders} == {dir_mode}
+
+
+def _shaped_controlnet(**shape) -> ControlNetModel:
+    """A tiny 9-channel ControlNet; default: the shapes ComfyUI builds (8x hint encoder
+    16/32/96/256, 32 norm groups, 64-channel attention heads)."""
+    config = {
+        "block_out_channels": (64, 128),
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "attention_head_dim": (1, 2),  # diffusers' legacy name: heads per level, 64 ch each
+        "norm_num_groups": 32,
+        "conditioning_embedding_out_channels": (16, 32, 96, 256),
+        "cross_attention_dim": 32,
+        "layers_per_block": 1,
+        "conditioning_channels": 9,
+    }
+    return ControlNetModel(**{**config, **shape})
+
+
+DEMO_LIKE = {  # the demo base: 4x VAE, 16 norm groups, 32-channel heads
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "attention_head_dim": (1, 2, 4),
+    "norm_num_groups": 16,
+    "conditioning_embedding_out_channels": (16, 32, 96),
+    "cross_attention_dim": 64,
+}
+
+
+def test_single_file_says_whether_comfyui_can_load_it(tmp_path):
+    """ComfyUI (comfy/controlnet.py) builds a fixed 8x hint encoder, 32 norm groups and
+    64-channel heads (8 heads for SD 1.5's shape): checked against its own loader, a net of
+    those shapes gives the same residuals, one of the demo base's does not load at all."""
+    from controlnet_emo.export.formats import COMFYUI_KEY, comfyui_compatibility, info_metadata
+    from controlnet_emo.export.model_info import ModelInfo
+
+    info = ModelInfo(conditions=list(CONDITIONS))
+    verdicts = {}
+    for name, net in {
+        "comfy": _shaped_controlnet(),
+        "demo": _shaped_controlnet(**DEMO_LIKE),
+    }.items():
+        path = write_single_file(net, tmp_path / f"{name}.safetensors", info_metadata(info, net))
+        with safe_open(str(path), "pt") as f:
+            verdicts[name] = f.metadata()[COMFYUI_KEY]
+    assert verdicts["comfy"] == "true"
+    demo = verdicts["demo"]
+    assert demo.startswith("false: ") and "\n" not in demo
+    for reason in ("hint encoder [16, 32, 96] (4x)", "norm_num_groups 16", "32-channel attention"):
+        assert reason in demo, demo
+    # the SD 1.5 shape is read with 8 heads: its own 8 heads pass, 64-channel heads do not
+    with torch.device("meta"):
+        assert comfyui_compatibility(ControlNetModel(cross_attention_dim=768)) is None
+        sd15_64 = ControlNetModel(cross_attention_dim=768, attention_head_dim=(5, 10, 20, 20))
+        sd2 = ControlNetModel(
+            cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+        )
+    assert "ComfyUI reads the SD 1.5 shape with 8 heads" in comfyui_compatibility(sd15_64)
+    assert comfyui_compatibility(sd2) is None
+
+
+def test_export_cli_warns_where_comfyui_cannot_load_the_file(tmp_path, capsys):
+    from controlnet_emo.cli.export import add_export_arguments as add_arguments
+    from controlnet_emo.cli.export import run_export as export_command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    info = {"conditions": list(CONDITIONS), "base_model": "tiny", "resolution": 64}
+    for name, shape in {"comfy": {}, "demo": DEMO_LIKE}.items():
+        save_diffusers(_shaped_controlnet(**shape), tmp_path / name, info)
+    assert export_command(parser.parse_args([str(tmp_path / "comfy" / "controlnet")])) == 0
+    assert capsys.readouterr().err == ""
+    assert export_command(parser.parse_args([str(tmp_path / "demo" / "controlnet")])) == 0
+    out, err = capsys.readouterr()
+    path = tmp_path / "demo" / "controlnet.safetensors"
+    assert out.strip() == str(path) and path.is_file()
+    assert err.startswith(f"warning: {path} will not load as trained in ComfyUI/A1111: ")
+    assert "norm_num_groups 16" in err and len(err.strip().splitlines()) == 1

@@ -394,3 +394,28 @@ def test_codes_without_a_flame_model_fall_back_to_the_render_or_stop(tmp_path):
         plan_samples(raw, config("flame.source=codes"))
     with pytest.raises(PrepareError, match="depth.model=flame"):
         plan_samples(raw, config("depth.model=flame"))
+
+
+# ---------------------------------------------------------------------------------------------
+# depth.model: auto and rows that cannot be prepared anyway
+
+
+def test_auto_depth_is_not_turned_by_rows_whose_original_is_missing(tmp_path, monkeypatch):
+    from controlnet_emo.cli.main import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = write_raw_dataset(tmp_path / "raw", 4, resolution=64)
+    rows = list(csv.DictReader(open(raw / "annotations.csv", newline="")))
+    ghosts = [f"0/ghost_{i}.jpg" for i in range(5)]  # annotated, no original, no depth map
+    with open(raw / "annotations.csv", "a", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS, lineterminator="\n")
+        writer.writerows({**rows[0], CSV_COLUMNS[0]: key} for key in ghosts)
+    out = tmp_path / "out"
+    assert main(["prepare", str(raw), str(out), "--set", "prepare.balance_classes=false"]) == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["depth_model"] == "auto" and report["depth_source"] == "precomputed"
+    assert report["prepared"] == 4 and report["skip_reasons"] == {"missing_file": 5}
+    assert {s["file"] for s in report["skipped_files"]} == set(ghosts)
+    # an original that is there but has no map still asks for a depth network
+    (raw / "depth" / Path(rows[1][CSV_COLUMNS[0]]).with_suffix(".png")).unlink()
+    assert plan_samples(raw, load_config(None, [])).depth_source == "Intel/zoedepth-nyu-kitti"

@@ -330,3 +330,21 @@ def test_channels_last_changes_the_layout_not_the_training(tmp_path, prepared):
     assert new.keys() == old.keys()
     for key in new:  # a tenth of one Adam step (lr 1e-3): rounding, not another result
         torch.testing.assert_close(new[key], old[key], rtol=1e-3, atol=1e-4)
+
+
+def test_model_files_of_a_run_are_readable_by_others_under_umask_022(tmp_path, prepared):
+    """safetensors writes 0600; a colleague or a ComfyUI running as another user must still
+    read the ControlNet a run leaves (0o666 / 0o777 less the umask, as open() and mkdir give)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = run(tmp_path, prepared, "run", **{"train.max_steps": 1})
+    finally:
+        os.umask(old)
+    files = [out / "controlnet.safetensors", out / "README.md", *(out / "controlnet").iterdir()]
+    assert out / "controlnet" / "diffusion_pytorch_model.safetensors" in files
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert stat.S_IMODE((out / "controlnet").stat().st_mode) == 0o755

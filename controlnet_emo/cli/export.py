@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from controlnet_emo.config import ConfigError, load_config
-from controlnet_emo.export.formats import FORMATS, export_run
+from controlnet_emo.export.formats import COMFYUI_KEY, FORMATS, export_run
 from controlnet_emo.export.model_info import ExportError, read_model_info
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,8 +23,9 @@ def add_export_arguments(p: Any) -> None:
         dest="fmt",
         choices=FORMATS,
         default="single-file",
-        help="diffusers folder(s); one original-layout file (ComfyUI/A1111); "
-        "one file per condition (multi-mode runs)",
+        help="diffusers folder(s); one original-layout file (ComfyUI/A1111 where the net has "
+        "their shapes: SD 1.5/2.x/SDXL bases; export warns otherwise); one file per condition "
+        "(multi-mode runs)",
     )
     p.add_argument(
         "--out",
@@ -57,4 +58,21 @@ def run_export(args: Any) -> int:
         return 2
     for path in paths:
         print(path)
+        why_not = _comfyui_verdict(path)
+        if why_not:
+            print(
+                f"warning: {path} will not load as trained in ComfyUI/A1111: {why_not}",
+                file=sys.stderr,
+            )
     return 0
+
+
+def _comfyui_verdict(path: Path) -> str | None:
+    """The reason a written single file's metadata gives for not loading in ComfyUI, if any."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        verdict = (f.metadata() or {}).get(COMFYUI_KEY, "true")
+    return verdict.removeprefix("false: ") if verdict.startswith("false") else None

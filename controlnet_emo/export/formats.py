@@ -2,9 +2,10 @@
 
 A diffusers folder (``controlnet/``; multi: also ``controlnet_1/``, ...) is what training
 writes and inference loads; each carries its sidecar (``model_info``). One ``.safetensors`` in
-the original layout (``original_layout``) is what ComfyUI and A1111 load; its string metadata
-carries the SAI model-spec keys and our condition layout, so a file that travels alone still
-says which map goes in which hint channels.
+the original layout (``original_layout``) is what ComfyUI and A1111 load, when the net has the
+shapes they build (`comfyui_compatibility`); its string metadata carries the SAI model-spec
+keys, our condition layout and that verdict, so a file that travels alone still says which map
+goes in which hint channels and where it will load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from controlnet_emo.atomic import atomic_write
+from controlnet_emo.atomic import atomic_write, set_usual_modes
 from controlnet_emo.config import Config
 from controlnet_emo.export.model_info import (
     ExportError,
@@ -41,6 +42,8 @@ FORMATS = ("diffusers", "single-file", "multi")
 ORIGINAL_IMPLEMENTATION = "https://github.com/lllyasviel/ControlNet"
 HASH_KEY = "controlnet_emo.weights_sha256"
 """Single-file metadata key (the sidecar's is ``weights_sha256``) of `weights_sha256`."""
+COMFYUI_KEY = "controlnet_emo.comfyui_compatible"
+"""Single-file metadata key: "true", or "false: <why>" (`comfyui_compatibility`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ def _save_folder(net: torch.nn.Module, folder: Path, info: dict[str, Any]) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp, safe_serialization=True)
     write_sidecar(tmp, {**info, "weights_sha256": weights_sha256(net.state_dict())})
+    set_usual_modes(tmp)  # safetensors writes 0600: others on the machine must read it too
     old = folder.with_name(folder.name + f".old{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
@@ -275,7 +279,82 @@ def info_metadata(
         config = json.loads(controlnet.to_json_string())  # what config.json holds
         config.pop("_name_or_path", None)
         meta["controlnet_emo.diffusers_config"] = json.dumps(config)
+        why_not = comfyui_compatibility(controlnet)
+        meta[COMFYUI_KEY] = "true" if why_not is None else f"false: {why_not}"
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a single file loads: ComfyUI's ControlNet loader (comfy/controlnet.py), as facts
+
+COMFYUI_HINT_ENCODER = (16, 32, 96, 256)
+"""ComfyUI builds this hint encoder whatever the file holds (three stride-2 convs: 8x)."""
+COMFYUI_NORM_GROUPS = 32
+COMFYUI_HEAD_CHANNELS = 64
+"""Channels per attention head ComfyUI builds for every shape but SD 1.5's (8 heads)."""
+
+
+def comfyui_compatibility(controlnet: Any) -> str | None:
+    """None when ComfyUI's loader builds this ControlNet as it was trained; else why not.
+
+    ComfyUI reads the hint channel count from ``input_hint_block.0.weight`` and the block
+    layout from the keys, but fixes the rest: an 8x hint encoder (16, 32, 96, 256), GroupNorm
+    with 32 groups, and 8 attention heads for the SD 1.5 shape (320 channels, 768-wide text,
+    no linear projection), else 64-channel heads. A net that differs either fails to load or
+    loads and computes something else; SD 1.5 / 2.x / SDXL bases pass, the demo base does not.
+    """
+    c = controlnet.config
+    reasons = []
+    hint = tuple(c.conditioning_embedding_out_channels)
+    if hint != COMFYUI_HINT_ENCODER:
+        reasons.append(
+            f"hint encoder {list(hint)} ({2 ** (len(hint) - 1)}x), ComfyUI builds only "
+            f"{list(COMFYUI_HINT_ENCODER)} (8x, SD's VAE)"
+        )
+    if c.norm_num_groups != COMFYUI_NORM_GROUPS:
+        reasons.append(f"norm_num_groups {c.norm_num_groups}, ComfyUI uses {COMFYUI_NORM_GROUPS}")
+    levels = _attention_levels(c)  # (channels, heads) per attention block
+    sd15 = (
+        c.block_out_channels[0] == 320
+        and c.cross_attention_dim == 768
+        and not c.use_linear_projection
+        and c.addition_embed_type is None
+        and c.class_embed_type is None
+    )
+    if sd15 and any(heads != 8 for _, heads in levels):
+        heads = sorted({h for _, h in levels})
+        reasons.append(f"attention heads {heads}, ComfyUI reads the SD 1.5 shape with 8 heads")
+    if not sd15 and any(ch != heads * COMFYUI_HEAD_CHANNELS for ch, heads in levels):
+        widths = sorted({ch // heads for ch, heads in levels})
+        reasons.append(
+            f"{'/'.join(map(str, widths))}-channel attention heads, ComfyUI builds "
+            f"{COMFYUI_HEAD_CHANNELS}-channel heads for this shape"
+        )
+    cross_only = c.only_cross_attention
+    if any(cross_only) if isinstance(cross_only, list | tuple) else cross_only:
+        reasons.append("only_cross_attention, ComfyUI builds self-attention")
+    if c.resnet_time_scale_shift != "default":
+        reasons.append(
+            f"resnet_time_scale_shift {c.resnet_time_scale_shift!r}, ComfyUI builds 'default'"
+        )
+    return "; ".join(reasons) or None
+
+
+def _attention_levels(config: Any) -> list[tuple[int, int]]:
+    """(channels, heads) of each attention block: down blocks, then the mid block.
+
+    diffusers reads ``attention_head_dim`` as the head count when ``num_attention_heads`` is
+    unset (a legacy name, as in its UNet)."""
+    heads = config.num_attention_heads or config.attention_head_dim
+    types = list(config.down_block_types)
+    heads = [heads] * len(types) if isinstance(heads, int) else list(heads)
+    channels = list(config.block_out_channels)
+    levels = [
+        (ch, h) for kind, ch, h in zip(types, channels, heads, strict=True) if "CrossAttn" in kind
+    ]
+    if config.mid_block_type == "UNetMidBlock2DCrossAttn":
+        levels.append((channels[-1], heads[-1]))
+    return levels
 
 
 def _architecture(controlnet: Any | None, resolution: int) -> str:
@@ -355,6 +434,7 @@ def _export_diffusers(nets: list[Any], info: ModelInfo, out: Path | None) -> lis
         target = out / extra.name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(extra, target)
+        set_usual_modes(target)  # copytree keeps the source's modes (0600 from safetensors)
     return folders
 
 

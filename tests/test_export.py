@@ -12,11 +12,10 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from safetensors import safe_open
 
+from controlnet_emo.cli.export import add_export_arguments, run_export
 from controlnet_emo.config import Config
 from controlnet_emo.export.formats import (
-    add_export_arguments,
     export_run,
-    run_export,
     safetensors_metadata,
     save_diffusers,
     write_single_file,
@@ -354,17 +353,15 @@ def test_single_file_says_whether_comfyui_can_load_it(tmp_path):
 
 
 def test_export_cli_warns_where_comfyui_cannot_load_the_file(tmp_path, capsys):
-    from controlnet_emo.cli.export import add_export_arguments as add_arguments
-    from controlnet_emo.cli.export import run_export as export_command
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_export_arguments(parser)
     info = {"conditions": list(CONDITIONS), "base_model": "tiny", "resolution": 64}
     for name, shape in {"comfy": {}, "demo": DEMO_LIKE}.items():
         save_diffusers(_shaped_controlnet(**shape), tmp_path / name, info)
-    assert export_command(parser.parse_args([str(tmp_path / "comfy" / "controlnet")])) == 0
+    assert run_export(parser.parse_args([str(tmp_path / "comfy" / "controlnet")])) == 0
     assert capsys.readouterr().err == ""
-    assert export_command(parser.parse_args([str(tmp_path / "demo" / "controlnet")])) == 0
+    assert run_export(parser.parse_args([str(tmp_path / "demo" / "controlnet")])) == 0
     out, err = capsys.readouterr()
     path = tmp_path / "demo" / "controlnet.safetensors"
     assert out.strip() == str(path) and path.is_file()

@@ -340,11 +340,15 @@ def test_model_files_of_a_run_are_readable_by_others_under_umask_022(tmp_path, p
 
     old = os.umask(0o022)
     try:
-        out = run(tmp_path, prepared, "run", **{"train.max_steps": 1})
+        out = run(
+            tmp_path, prepared, "run", **{"train.max_steps": 1, "train.checkpoint_every": 1}
+        )
     finally:
         os.umask(old)
     files = [out / "controlnet.safetensors", out / "README.md", *(out / "controlnet").iterdir()]
+    files += [p for p in (out / "checkpoint-1").rglob("*") if p.is_file()]  # resumable by others
     assert out / "controlnet" / "diffusion_pytorch_model.safetensors" in files
+    assert out / "checkpoint-1" / "model.safetensors" in files
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
     assert stat.S_IMODE((out / "controlnet").stat().st_mode) == 0o755

@@ -5,6 +5,7 @@ so it grades with the critic the run never trained against."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,24 +89,18 @@ def prepare_demo_data(
 
 
 def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
-    """Use the run as a user would: draw faces from held-out FLAME renders, then score them
-    with the independent critic."""
+    """Use the run as a user would: score faces drawn from held-out FLAME renders with the
+    independent critic and by structure, then redraw one representative face with ``infer``.
+
+    The face ``infer/happy_sheet.png`` shows is neither the best nor the worst: among the
+    evaluated faces labelled happy (all faces if none is), the one whose SSIM margin over
+    the other targets is the median, drawn with the seed and caption evaluate gave it.
+    """
     from controlnet_emo.data.dataset import held_out_records
     from controlnet_emo.evaluation.evaluate import evaluate
     from controlnet_emo.inference.infer import infer
 
-    first = held_out_records(cfg)[0]
     root = Path(cfg.data.root)
-    infer(
-        out,
-        root / first.maps["flame"],
-        prompt="a close-up photo of a happy face, smiling, facing the camera, brown hair",
-        out=out / "infer" / "happy.png",
-        sampling=Sampling.validation(cfg),
-        sheet=True,
-        depth=root / first.maps["depth"] if "depth" in first.maps else None,
-        skeleton=root / first.maps["skeleton"] if "skeleton" in first.maps else None,
-    )
     evaluate(
         out,
         root,
@@ -115,6 +110,30 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         emonet=DEMO_EVAL_CRITIC,
         batch_size=DEMO_EVAL_BATCH,
     )
+    row = representative_row(out / "eval" / "per_sample.jsonl", "happy")
+    record = next(r for r in held_out_records(cfg) if r.file_name == row["file_name"])
+    infer(
+        out,
+        root / record.maps["flame"],
+        prompt=row["prompt"],
+        out=out / "infer" / "happy.png",
+        sampling=Sampling.validation(cfg, seed=row["seed"]),
+        sheet=True,
+        depth=root / record.maps["depth"] if "depth" in record.maps else None,
+        skeleton=root / record.maps["skeleton"] if "skeleton" in record.maps else None,
+    )
+    print(
+        f"infer/happy_sheet.png: held-out face {row['index']} ({row['file_name']}), the median "
+        f"SSIM margin ({row['generated']['ssim_margin']:.3f}) of its {row['pool']} evaluated faces"
+    )
+
+
+def representative_row(per_sample: Path, expression: str) -> dict:
+    """The median face by SSIM margin among the evaluated faces labelled ``expression``."""
+    rows = [json.loads(line) for line in per_sample.read_text().splitlines() if line.strip()]
+    pool = [r for r in rows if r["label"]["expression"] == expression] or rows
+    pool.sort(key=lambda r: r["generated"]["ssim_margin"])
+    return pool[(len(pool) - 1) // 2] | {"pool": len(pool)}
 
 
 def demo_edit(cfg: Config, out: Path) -> None:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from controlnet_emo.atomic import atomic_write
 from controlnet_emo.data.dataset import PreparedDataset, collate
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def load_or_build(path: Path, build, key: str) -> torch.Tensor:
         log.info("%s was built from other data or another VAE: encoding again", path)
     moments = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"moments": moments.contiguous()}, tmp, metadata={"key": key})
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file({"moments": moments.contiguous()}, tmp, metadata={"key": key})
     log.info("cached %d latents in %s", len(moments), path)
     return moments

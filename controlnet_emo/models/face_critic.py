@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from controlnet_emo.atomic import atomic_write
+
 N_LANDMARKS = 68
 HEATMAP_SIZE = 64
 HEATMAP_GAIN = 2 * math.pi * 1.5**2
@@ -163,7 +165,8 @@ def save_face_critic(model: FaceCritic, folder: str | os.PathLike, extra: dict |
         k: (v.half() if v.is_floating_point() else v).detach().contiguous()
         for k, v in model.state_dict().items()
     }
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    with atomic_write(folder / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     config = {"kind": "face_critic", "shape": asdict(model.shape), **(extra or {})}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 

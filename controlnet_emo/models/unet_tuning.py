@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from controlnet_emo.atomic import set_usual_modes
+
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SELECTORS = {
     "none": lambda name: False,
@@ -59,7 +61,8 @@ def save_unet(unet: UNet2DConditionModel, mode: str, run_dir: Path) -> Path | No
         StableDiffusionPipeline.save_lora_weights(
             folder, unet_lora_layers=layers, safe_serialization=True
         )
-        return folder
-    folder = run_dir / "unet"
-    unet.save_pretrained(folder, safe_serialization=True)
+    else:
+        folder = run_dir / "unet"
+        unet.save_pretrained(folder, safe_serialization=True)
+    set_usual_modes(folder)  # safetensors writes 0600: a colleague could not load the run
     return folder

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from controlnet_emo.atomic import set_usual_modes
 from controlnet_emo.config import Config
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -72,6 +73,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         cfg.save(tmp / "config.yaml")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        set_usual_modes(tmp)  # accelerate's safetensors files are 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -16,12 +16,14 @@ from controlnet_emo.cli.generate import add_evaluate_arguments, run_evaluate
 from controlnet_emo.evaluation.evaluate import generate_batch, read_faces
 from controlnet_emo.evaluation.metrics import (
     ccc,
+    confusion_matrix,
     emotion_metrics,
     heatmap_landmarks,
     macro_f1,
     nme,
     pearson,
     rmse,
+    topk_accuracy,
 )
 from controlnet_emo.inference.infer import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
@@ -51,6 +53,65 @@ def test_rmse_and_macro_f1_by_hand():
     assert macro_f1(pred, target) == pytest.approx((2 / 3 + 4 / 5) / 2)
     # always predicting the majority class scores 3/4 accuracy but a poor macro-F1
     assert macro_f1(torch.ones(4, dtype=torch.long), target) == pytest.approx((0 + 6 / 7) / 2)
+
+
+# The definitions the report used before torchmetrics computed them, written out by hand:
+# torchmetrics must give the same figures on any data, or the published numbers would move.
+
+
+def _by_hand_macro_f1(pred: torch.Tensor, target: torch.Tensor) -> float:
+    scores = []
+    for c in torch.unique(torch.cat([pred, target])):  # classes in labels or predictions
+        tp = ((pred == c) & (target == c)).sum().item()
+        wrong = ((pred == c) != (target == c)).sum().item()  # false positives + negatives
+        scores.append(2 * tp / (2 * tp + wrong))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_library_metrics_match_the_definitions_by_hand(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = [2, 7, 50, 300][seed]
+    x = torch.randn(n, generator=g)
+    y = 0.6 * x + 0.8 * torch.randn(n, generator=g) + 0.3
+    assert rmse(x, y) == pytest.approx(float((x.double() - y.double()).square().mean().sqrt()))
+    xd, yd = x.double(), y.double()
+    xc, yc = xd - xd.mean(), yd - yd.mean()
+    r = float((xc * yc).sum() / (xc.square().sum() * yc.square().sum()).sqrt())
+    assert pearson(x, y) == pytest.approx(r, abs=1e-9)
+    # CCC with population (n) moments, Lin's and EmoNet's; torchmetrics' n-1 form differs
+    # (most at small n), which is why ccc() keeps its own code.
+    gap = float(xd.mean() - yd.mean())
+    lin = 2 * float((xc * yc).mean()) / (float(xc.square().mean() + yc.square().mean()) + gap**2)
+    assert ccc(x, y) == pytest.approx(lin, abs=1e-9)
+    labels = torch.randint(0, 5, (n,), generator=g)  # a 5-class slice of an 8-class critic
+    logits = torch.randn(n, 8, generator=g)
+    pred = logits.argmax(1)
+    assert macro_f1(pred, labels) == pytest.approx(_by_hand_macro_f1(pred, labels), abs=1e-6)
+    for k in (1, 3, 9):
+        best = logits.topk(min(k, 8), dim=1).indices
+        by_hand = float((best == labels[:, None]).any(dim=1).double().mean())
+        assert topk_accuracy(logits, labels, k) == pytest.approx(by_hand, abs=1e-6)
+    counts = confusion_matrix(pred, labels, 8)
+    for t, p in [(0, 0), (1, 3), (4, 7)]:
+        assert counts[t, p] == ((labels == t) & (pred == p)).sum()  # rows label, columns pred
+    assert counts.dtype == torch.int64 and counts.sum() == n
+
+
+def test_ccc_keeps_population_moments_where_torchmetrics_does_not():
+    """Two points: the n and n-1 forms of CCC are far apart, and ours is the published one."""
+    from torchmetrics.functional import concordance_corrcoef
+
+    x, y = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 2.0])
+    # n moments: var 0.25 and 0.5625, cov 0.375, mean gap 0.75 -> 0.75 / 1.375
+    assert ccc(x, y) == pytest.approx(0.75 / 1.375)
+    assert float(concordance_corrcoef(x, y)) != pytest.approx(ccc(x, y), abs=0.05)
+    assert math.isnan(pearson(torch.ones(4), torch.arange(4.0)))  # constant: undefined
+
+
+def test_confusion_matrix_leaves_out_pairs_outside_the_classes():
+    pred, target = torch.tensor([0, 1, 9, 2]), torch.tensor([0, -1, 1, 2])
+    assert confusion_matrix(pred, target, 3).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
 
 
 def test_emotion_metrics_skip_missing_labels():

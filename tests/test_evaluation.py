@@ -168,33 +168,10 @@ def run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("eval") / "run")[0]
 
 
-class CheapEmoNet(torch.nn.Module):
-    """EmoNet's output contract at a sliver of its cost (~3 s per image on 2 busy cores); the
-    real network is tested in test_emonet.py and read once, in the --no-baseline test."""
-
-    n_expression = 8
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.heat, self.head = torch.nn.Conv2d(3, 68, 3, padding=1), torch.nn.Linear(3, 10)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(x.mean(dim=(2, 3)))  # (B,10)
-        heatmap = self.heat(torch.nn.functional.interpolate(x, size=(64, 64)))  # (B,68,64,64)
-        return {
-            "expression": out[:, :8],
-            "valence": out[:, 8],
-            "arousal": out[:, 9],
-            "heatmap": heatmap,
-        }
-
-
-@pytest.fixture
-def cheap_emonet(monkeypatch):
-    import controlnet_emo.models.emonet as emonet
-
-    monkeypatch.setattr(emonet, "build_emonet", lambda spec: CheapEmoNet())
+CRITIC = "demo-critic-eval"
+"""The shipped evaluation critic: a real, trained reader of faces (about 1 MB) that loads
+offline; EmoNet itself is tested in test_emonet.py and read with random weights once, in
+test_no_baseline_and_default_out_folder."""
 
 
 def cli(*argv: str) -> int:
@@ -207,7 +184,7 @@ def _finite_numbers(block: dict) -> bool:
     return all(isinstance(v, int | float) and math.isfinite(v) for v in block.values())
 
 
-def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys, cheap_emonet):
+def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys):
     out = tmp_path / "report"
     rc = cli(
         run,
@@ -227,11 +204,13 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
         out,
         "--device",
         "cpu",
+        "--emonet",
+        CRITIC,
     )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", "random")
-    assert any("RANDOM" in w for w in m["warnings"]) and "WARNING" in capsys.readouterr().out
+    assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", CRITIC)
+    assert not m["warnings"] and "WARNING" not in capsys.readouterr().out
     assert m["settings"]["steps"] == 2 and m["settings"]["seed"] == 0
     for kind in ("generated", "baseline", "real", "generated_vs_emonet_on_real"):
         keys = {
@@ -266,7 +245,7 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
             assert im.size[0] > 300
 
 
-def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, cheap_emonet):
+def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path):
     """--prompt replaces every caption; the target's recorded landmarks are NME's reference,
     so the critic reading the target image gets a finite error of its own."""
     data = write_prepared(tmp_path / "data", n=4, n_val=2, size=(64, 80))
@@ -276,7 +255,8 @@ def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, ch
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
     args = ["--data", data, "--n", 2, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
-    assert cli(run, *args, "--out", out, "--prompt", "a photo of a face", "--no-baseline") == 0
+    args += ["--emonet", CRITIC, "--out", out]
+    assert cli(run, *args, "--prompt", "a photo of a face", "--no-baseline") == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["settings"]["prompt"] == "a photo of a face"
     assert m["nme_reference"] == "target landmarks (metadata)"
@@ -285,12 +265,12 @@ def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, ch
     assert {s["prompt"] for s in samples} == {"a photo of a face"}
 
 
-def test_grading_with_the_training_critic_warns(tmp_path, prepared, cheap_emonet, capsys):
+def test_grading_with_the_training_critic_warns(tmp_path, prepared, capsys):
     import yaml
 
     run_dir, _ = make_run(tmp_path / "run")
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw["model"]["emonet"] = str(tmp_path / "my-critic")  # what the run trained against
+    raw["model"]["emonet"] = "demo-critic-train"  # what the run trained against
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     args = ["--data", prepared, "--n", 1, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
     assert cli(run_dir, *args, "--no-baseline", "--grid-rows", 0) == 0  # the run's own critic
@@ -299,7 +279,9 @@ def test_grading_with_the_training_critic_warns(tmp_path, prepared, cheap_emonet
     assert "trained against" in capsys.readouterr().out
 
 
-def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
+def test_no_baseline_and_default_out_folder(run, prepared, capsys):
+    """Without --emonet the run's own critic grades: here random EmoNet weights, which the
+    report and the console both flag."""
     assert (
         cli(
             run,
@@ -319,6 +301,8 @@ def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
     )
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["split"] == "val" and "baseline" not in m and m["settings"]["baseline"] is False
+    assert m["emonet"]["source"] == "random" and m["emonet"]["n_expression"] == 8
+    assert any("RANDOM" in w for w in m["warnings"]) and "WARNING" in capsys.readouterr().out
 
 
 def test_read_faces_with_the_real_emonet():

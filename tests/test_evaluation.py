@@ -51,6 +51,7 @@ def test_rmse_and_macro_f1_by_hand():
     pred, target = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
     # class 0: F1 = 2*1 / (2*1 + 1) = 2/3; class 1: 2*2 / (2*2 + 1) = 4/5
     assert macro_f1(pred, target) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert macro_f1(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)) == 1.0
     # always predicting the majority class scores 3/4 accuracy but a poor macro-F1
     assert macro_f1(torch.ones(4, dtype=torch.long), target) == pytest.approx((0 + 6 / 7) / 2)
 

@@ -67,8 +67,8 @@ def macro_f1(pred: Tensor, target: Tensor) -> float:
     if target.numel() == 0:
         return math.nan
     # torchmetrics' macro average leaves out a class absent from both sides (tp+fp+fn = 0),
-    # so any num_classes above the largest class seen gives the same figure.
-    n = int(torch.cat([pred, target]).max()) + 1
+    # so any num_classes above the largest class seen gives the same figure (it wants >= 2).
+    n = max(2, int(torch.cat([pred, target]).max()) + 1)
     return float(multiclass_f1_score(pred, target, num_classes=n, average="macro"))
 
 

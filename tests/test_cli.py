@@ -10,6 +10,7 @@ from controlnet_emo.cli.main import main
 from tests.conftest import DEMO_CONFIG
 
 
+@pytest.mark.slow  # the whole demo: synth, prepare, train, infer, evaluate
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     code = main(
@@ -58,6 +59,7 @@ def test_demo_runs_every_stage(tmp_path):
     assert report["emonet"]["source"] == "demo-critic-eval" and not report["warnings"]
 
 
+@pytest.mark.slow  # the whole demo: synth, prepare, train, infer, evaluate
 def test_demo_codes_runs_the_flame_path_to_an_edit_sweep(tmp_path):
     """synth --codes (no camera) -> prepare renders the maps from the codes, fitting each
     camera -> train -> evaluate -> an expression sweep of a held-out face."""

@@ -16,12 +16,14 @@ from controlnet_emo.cli.generate import add_evaluate_arguments, run_evaluate
 from controlnet_emo.evaluation.evaluate import read_faces
 from controlnet_emo.evaluation.metrics import (
     ccc,
+    confusion_matrix,
     emotion_metrics,
     heatmap_landmarks,
     macro_f1,
     nme,
     pearson,
     rmse,
+    topk_accuracy,
 )
 from controlnet_emo.inference.infer import generate, load_pipeline
 from controlnet_emo.models.emonet import build_emonet
@@ -50,8 +52,68 @@ def test_rmse_and_macro_f1_by_hand():
     pred, target = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
     # class 0: F1 = 2*1 / (2*1 + 1) = 2/3; class 1: 2*2 / (2*2 + 1) = 4/5
     assert macro_f1(pred, target) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert macro_f1(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)) == 1.0
     # always predicting the majority class scores 3/4 accuracy but a poor macro-F1
     assert macro_f1(torch.ones(4, dtype=torch.long), target) == pytest.approx((0 + 6 / 7) / 2)
+
+
+# The definitions the report used before torchmetrics computed them, written out by hand:
+# torchmetrics must give the same figures on any data, or the published numbers would move.
+
+
+def _by_hand_macro_f1(pred: torch.Tensor, target: torch.Tensor) -> float:
+    scores = []
+    for c in torch.unique(torch.cat([pred, target])):  # classes in labels or predictions
+        tp = ((pred == c) & (target == c)).sum().item()
+        wrong = ((pred == c) != (target == c)).sum().item()  # false positives + negatives
+        scores.append(2 * tp / (2 * tp + wrong))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_library_metrics_match_the_definitions_by_hand(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = [2, 7, 50, 300][seed]
+    x = torch.randn(n, generator=g)
+    y = 0.6 * x + 0.8 * torch.randn(n, generator=g) + 0.3
+    assert rmse(x, y) == pytest.approx(float((x.double() - y.double()).square().mean().sqrt()))
+    xd, yd = x.double(), y.double()
+    xc, yc = xd - xd.mean(), yd - yd.mean()
+    r = float((xc * yc).sum() / (xc.square().sum() * yc.square().sum()).sqrt())
+    assert pearson(x, y) == pytest.approx(r, abs=1e-9)
+    # CCC with population (n) moments, Lin's and EmoNet's; torchmetrics' n-1 form differs
+    # (most at small n), which is why ccc() keeps its own code.
+    gap = float(xd.mean() - yd.mean())
+    lin = 2 * float((xc * yc).mean()) / (float(xc.square().mean() + yc.square().mean()) + gap**2)
+    assert ccc(x, y) == pytest.approx(lin, abs=1e-9)
+    labels = torch.randint(0, 5, (n,), generator=g)  # a 5-class slice of an 8-class critic
+    logits = torch.randn(n, 8, generator=g)
+    pred = logits.argmax(1)
+    assert macro_f1(pred, labels) == pytest.approx(_by_hand_macro_f1(pred, labels), abs=1e-6)
+    for k in (1, 3, 9):
+        best = logits.topk(min(k, 8), dim=1).indices
+        by_hand = float((best == labels[:, None]).any(dim=1).double().mean())
+        assert topk_accuracy(logits, labels, k) == pytest.approx(by_hand, abs=1e-6)
+    counts = confusion_matrix(pred, labels, 8)
+    for t, p in [(0, 0), (1, 3), (4, 7)]:
+        assert counts[t, p] == ((labels == t) & (pred == p)).sum()  # rows label, columns pred
+    assert counts.dtype == torch.int64 and counts.sum() == n
+
+
+def test_ccc_keeps_population_moments_where_torchmetrics_does_not():
+    """Two points: the n and n-1 forms of CCC are far apart, and ours is the published one."""
+    from torchmetrics.functional import concordance_corrcoef
+
+    x, y = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 2.0])
+    # n moments: var 0.25 and 0.5625, cov 0.375, mean gap 0.75 -> 0.75 / 1.375
+    assert ccc(x, y) == pytest.approx(0.75 / 1.375)
+    assert float(concordance_corrcoef(x, y)) != pytest.approx(ccc(x, y), abs=0.05)
+    assert math.isnan(pearson(torch.ones(4), torch.arange(4.0)))  # constant: undefined
+
+
+def test_confusion_matrix_leaves_out_pairs_outside_the_classes():
+    pred, target = torch.tensor([0, 1, 9, 2]), torch.tensor([0, -1, 1, 2])
+    assert confusion_matrix(pred, target, 3).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
 
 
 def test_emotion_metrics_skip_missing_labels():
@@ -108,33 +170,10 @@ def run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("eval") / "run")[0]
 
 
-class CheapEmoNet(torch.nn.Module):
-    """EmoNet's output contract at a sliver of its cost (~3 s per image on 2 busy cores); the
-    real network is tested in test_emonet.py and read once, in the --no-baseline test."""
-
-    n_expression = 8
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.heat, self.head = torch.nn.Conv2d(3, 68, 3, padding=1), torch.nn.Linear(3, 10)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(x.mean(dim=(2, 3)))  # (B,10)
-        heatmap = self.heat(torch.nn.functional.interpolate(x, size=(64, 64)))  # (B,68,64,64)
-        return {
-            "expression": out[:, :8],
-            "valence": out[:, 8],
-            "arousal": out[:, 9],
-            "heatmap": heatmap,
-        }
-
-
-@pytest.fixture
-def cheap_emonet(monkeypatch):
-    import controlnet_emo.models.emonet as emonet
-
-    monkeypatch.setattr(emonet, "build_emonet", lambda spec: CheapEmoNet())
+CRITIC = "demo-critic-eval"
+"""The shipped evaluation critic: a real, trained reader of faces (about 1 MB) that loads
+offline; EmoNet itself is tested in test_emonet.py and read with random weights once, in
+test_no_baseline_and_default_out_folder."""
 
 
 def cli(*argv: str) -> int:
@@ -147,7 +186,7 @@ def _finite_numbers(block: dict) -> bool:
     return all(isinstance(v, int | float) and math.isfinite(v) for v in block.values())
 
 
-def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys, cheap_emonet):
+def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, capsys):
     out = tmp_path / "report"
     rc = cli(
         run,
@@ -167,11 +206,13 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
         out,
         "--device",
         "cpu",
+        "--emonet",
+        CRITIC,
     )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", "random")
-    assert any("RANDOM" in w for w in m["warnings"]) and "WARNING" in capsys.readouterr().out
+    assert (m["n"], m["split"], m["emonet"]["source"]) == (3, "train", CRITIC)
+    assert not m["warnings"] and "WARNING" not in capsys.readouterr().out
     assert m["settings"]["steps"] == 2 and m["settings"]["seed"] == 0
     for kind in ("generated", "baseline", "real", "generated_vs_emonet_on_real"):
         keys = {
@@ -206,7 +247,7 @@ def test_evaluate_writes_metrics_grid_and_per_sample(run, prepared, tmp_path, ca
             assert im.size[0] > 300
 
 
-def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, cheap_emonet):
+def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path):
     """--prompt replaces every caption; the target's recorded landmarks are NME's reference,
     so the critic reading the target image gets a finite error of its own."""
     data = write_prepared(tmp_path / "data", n=4, n_val=2, size=(64, 80))
@@ -216,7 +257,8 @@ def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, ch
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
     args = ["--data", data, "--n", 2, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
-    assert cli(run, *args, "--out", out, "--prompt", "a photo of a face", "--no-baseline") == 0
+    args += ["--emonet", CRITIC, "--out", out]
+    assert cli(run, *args, "--prompt", "a photo of a face", "--no-baseline") == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["settings"]["prompt"] == "a photo of a face"
     assert m["nme_reference"] == "target landmarks (metadata)"
@@ -225,12 +267,12 @@ def test_one_prompt_for_all_and_nme_against_recorded_landmarks(run, tmp_path, ch
     assert {s["prompt"] for s in samples} == {"a photo of a face"}
 
 
-def test_grading_with_the_training_critic_warns(tmp_path, prepared, cheap_emonet, capsys):
+def test_grading_with_the_training_critic_warns(tmp_path, prepared, capsys):
     import yaml
 
     run_dir, _ = make_run(tmp_path / "run")
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw["model"]["emonet"] = str(tmp_path / "my-critic")  # what the run trained against
+    raw["model"]["emonet"] = "demo-critic-train"  # what the run trained against
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     args = ["--data", prepared, "--n", 1, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
     assert cli(run_dir, *args, "--no-baseline", "--grid-rows", 0) == 0  # the run's own critic
@@ -239,7 +281,9 @@ def test_grading_with_the_training_critic_warns(tmp_path, prepared, cheap_emonet
     assert "trained against" in capsys.readouterr().out
 
 
-def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
+def test_no_baseline_and_default_out_folder(run, prepared, capsys):
+    """Without --emonet the run's own critic grades: here random EmoNet weights, which the
+    report and the console both flag."""
     assert (
         cli(
             run,
@@ -259,6 +303,8 @@ def test_no_baseline_and_default_out_folder(run, prepared, cheap_emonet):
     )
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["split"] == "val" and "baseline" not in m and m["settings"]["baseline"] is False
+    assert m["emonet"]["source"] == "random" and m["emonet"]["n_expression"] == 8
+    assert any("RANDOM" in w for w in m["warnings"]) and "WARNING" in capsys.readouterr().out
 
 
 def test_read_faces_with_the_real_emonet():

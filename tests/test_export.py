@@ -10,6 +10,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from controlnet_emo.cli.export import add_export_arguments, run_export
@@ -174,10 +175,16 @@ def test_model_card(tmp_path, tiny_unet):
         (run / "samples" / f"step-{step}.png").write_bytes(b"")
     cfg = Config()
     cfg.model.pretrained = "runwayml/stable-diffusion-v1-5"
-    text = write_model_card(run, cfg, 100).read_text()
-    assert text.startswith(
-        "---\nlibrary_name: diffusers\nbase_model: runwayml/stable-diffusion-v1-5"
-    )
+    path = write_model_card(run, cfg, 100)
+    text = path.read_text()
+    meta = ModelCard.load(path).data  # the header as the hub reads it
+    assert (meta.library_name, meta.base_model) == ("diffusers", "runwayml/stable-diffusion-v1-5")
+    assert meta.pipeline_tag == "text-to-image" and meta.license == "other"
+    assert {"controlnet", "flame", "depth", "skeleton"} <= set(meta.tags)
+    assert "its licence" in text  # a base's licence carries over; the card says so
+    cfg.model.pretrained = "demo-face-base"  # the project's own weights: no hub id
+    own = ModelCard.load(write_model_card(run, cfg, 100)).data
+    assert own.license == "apache-2.0" and own.base_model is None
     assert "(samples/step-100.png)" in text
     assert "| 0-2 | flame |" in text and "| 6-8 | skeleton |" in text
     assert "| lpips | 0.08 |" in text

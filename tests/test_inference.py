@@ -308,29 +308,36 @@ def test_folder_batch(run, tmp_path):
         infer(run, flames, "a face", tmp_path / "out", Sampling(steps=2), depth=depths)
 
 
-def test_reference_photo_derives_missing_maps(monkeypatch, tmp_path, maps):
-    import conditioners.depth
-    import conditioners.skeleton
+def test_reference_photo_derives_missing_maps(monkeypatch, tmp_path, maps, random_fan_home):
+    """--reference runs the real conditioners on the photo: a tiny random ZoeDepth and
+    face-alignment's FAN (random weights, from the file it would download), their maps
+    resized and centre-cropped like the given ones, the given FLAME render kept."""
+    from conditioners.depth import DepthConditioner
+    from conditioners.skeleton import SkeletonConditioner
+    from controlnet_emo.data.transforms import resize_center_crop
+    from controlnet_emo.synthetic.faces import render_face, sample_face_params
 
-    class FakeDepth:
-        def __init__(self, model, **kw):
-            assert model == "Intel/zoedepth-nyu-kitti"
+    monkeypatch.setenv("TORCH_HOME", str(random_fan_home))
+    face = render_face(sample_face_params(np.random.default_rng(7), 96, 1), 96)
+    photo = np.ascontiguousarray(face.image[:, 8:88])  # (96, 80, 3): portrait, cropped
+    path = write_image(tmp_path / "photo.png", photo)
+    info = ModelInfo(conditions=CONDITIONS, depth_model="tiny")
+    out = load_condition_maps(info, SIZE, flame=maps["flame"], skeleton=None, reference=path)
+    assert out.shape == (9, SIZE, SIZE)
 
-        def __call__(self, images):
-            return [np.full(images[0].shape[:2], 0.25, np.float32)]
+    def as_map(image: np.ndarray) -> torch.Tensor:  # (H,W[,3]) -> (3,SIZE,SIZE) in [0,1]
+        t = torch.from_numpy(np.ascontiguousarray(image)).float()
+        t = t[None].repeat(3, 1, 1) if t.ndim == 2 else t.permute(2, 0, 1) / 255
+        return resize_center_crop(t.clamp(0, 1), SIZE)
 
-    class FakeSkeleton:
-        def __call__(self, image, landmarks=None, box=None):
-            return np.full(image.shape, 255, np.uint8)
-
-    monkeypatch.setattr(conditioners.depth, "DepthConditioner", FakeDepth)
-    monkeypatch.setattr(conditioners.skeleton, "SkeletonConditioner", FakeSkeleton)
-    photo = write_image(tmp_path / "photo.jpg", pattern(80, 100, 7))
-    out = load_condition_maps(
-        ModelInfo(conditions=CONDITIONS), SIZE, flame=maps["flame"], skeleton=None, reference=photo
-    )
-    assert torch.allclose(out[3:6], torch.full((3, SIZE, SIZE), 0.25))
-    assert torch.allclose(out[6:9], torch.ones(3, SIZE, SIZE))
+    depth = DepthConditioner("tiny")([photo])[0]
+    skeleton = SkeletonConditioner()(photo)
+    torch.testing.assert_close(out[3:6], as_map(depth), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[6:9], as_map(skeleton), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:3], as_map(np.asarray(Image.open(maps["flame"]))))
+    assert out[3:6].std() > 0.01  # a depth map, not a constant
+    # random FAN points: long crossing lines, but lines on black all the same
+    assert 0.005 < (skeleton.max(-1) > 0).mean() < 0.9
 
 
 def test_tuned_unet_lora_is_loaded(tmp_path, tiny_unet, maps):

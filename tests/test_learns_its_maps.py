@@ -23,6 +23,8 @@ from controlnet_emo.inference.infer import load_pipeline
 from controlnet_emo.training.loop import train
 from tests.conftest import DEMO_CONFIG
 
+pytestmark = pytest.mark.slow  # 400 training steps on the shipped base: minutes on 2 cores
+
 STEPS, FACES, PROBED = 400, 200, 16
 """The maps take hold suddenly, after 200-300+ steps by the trajectory (three seeds of
 benchmarks/map_reliance_curve.py on these 200 faces: about 200, 300, and later than 300);

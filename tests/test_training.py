@@ -107,10 +107,62 @@ def test_resume_continues_exactly(tmp_path, prepared):
     assert steps == [1, 2, 3, 4]
 
 
-def test_gradient_accumulation_matches_total_batch(tmp_path, prepared):
-    out = run(tmp_path, prepared, "accum", **{"train.total_batch_size": 4, "train.max_steps": 2})
+def test_gradient_accumulation_matches_total_batch(tmp_path, prepared, fresh_accelerator_state):
+    """total_batch_size 4 at batch_size 2: one optimizer step on the mean gradient of two
+    micro-batches, as one AdamW step by hand on the same samples and noise gives; a loop
+    that stepped on each micro-batch, or dropped one, ends elsewhere."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from controlnet_emo.training.loop import build_models, make_loader, step_generator
+
+    flags = {"train.total_batch_size": 4, "train.max_steps": 1, "train.checkpoint_every": 1}
+    out = run(tmp_path, prepared, "accum", **flags)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2  # 2 optimizer steps of 2 micro-batches each
+    assert [r["step"] for r in rows] == [1]
+    trained = weights(out, 1)
+
+    cfg = load_config(DEMO_CONFIG, tiny_overrides(tmp_path / "by_hand", prepared, **flags))
+    set_seed(cfg.seed)  # what train() does before it builds the models
+    models, params, _ = build_models(cfg, Accelerator(cpu=True))
+    start = {k: v.detach().clone() for k, v in models.controlnet.state_dict().items()}
+    loader = iter(make_loader(cfg, models, Accelerator(cpu=True), start_batch=0))
+    micro = [next(loader) for _ in range(2)]  # the run's first two micro-batches, 2 each
+    grads = []
+    for m, batch in enumerate(micro):
+        loss, _ = compute_losses(models, batch, cfg, step_generator(cfg.seed, 0, m, 0))
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+
+    def one_step(*picked: int) -> dict[str, torch.Tensor]:
+        models.controlnet.load_state_dict(start)
+        for p, *g in zip(params, *(grads[i] for i in picked), strict=True):
+            p.grad = None if g[0] is None else sum(g) / len(g)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        t = cfg.train
+        opt = torch.optim.AdamW(
+            params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+        )
+        opt.step()
+        return {k: v.detach().clone() for k, v in models.controlnet.state_dict().items()}
+
+    both, last_only = one_step(0, 1), one_step(1)
+    assert trained.keys() == both.keys()
+
+    def share_apart(a: dict, b: dict) -> float:
+        """Share of weights more than a tenth of an Adam step (lr 1e-3) apart."""
+        apart = sum(int(((a[k] - b[k]).abs() > 1e-4).sum()) for k in a)
+        return apart / sum(v.numel() for v in a.values())
+
+    # Adam's first step moves each weight by about lr * sign(gradient): where a gradient is
+    # ~0 its sign is rounding (0.3 % of the zero convs' weights here); one micro-batch's
+    # gradient alone points elsewhere for about a quarter of them.
+    moved = [k for k in trained if (trained[k] - start[k]).abs().max() > 5e-4]
+    assert any(k.startswith("controlnet_down_blocks") for k in moved)
+    assert share_apart({k: trained[k] for k in moved}, {k: both[k] for k in moved}) < 0.02
+    assert share_apart({k: last_only[k] for k in moved}, {k: both[k] for k in moved}) > 0.1
 
 
 def test_checkpoints_are_pruned_and_complete(tmp_path, prepared):
@@ -127,58 +179,129 @@ def test_checkpoints_are_pruned_and_complete(tmp_path, prepared):
 
 
 def test_unet_lora_trains_and_is_saved(tmp_path, prepared):
+    """LoRA B starts at zero: only an optimizer that updated the adapters leaves it non-zero,
+    and only then does loading the file change what the UNet predicts."""
+    from controlnet_emo.inference.infer import load_pipeline
+
     out = run(
         tmp_path,
         prepared,
         "lora",
         **{"model.unet_trainable": "lora", "model.lora_rank": 2, "train.max_steps": 2},
     )
-    assert (out / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    lora = load_file(out / "unet_lora" / "pytorch_lora_weights.safetensors")
+    b = {k: v for k, v in lora.items() if "lora_B" in k or "lora.up" in k}
+    assert b and len(b) == len(lora) // 2
+    assert all(v.abs().max() > 0 for v in b.values())  # every adapter's B was updated
+
+    pipe, info = load_pipeline(out, device="cpu")
+    assert info.unet_lora == out / "unet_lora"
+    base = load_sd("tiny").unet
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, base.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, 77, base.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        plain = base(latents, 500, encoder_hidden_states=text).sample
+        tuned = pipe.unet(latents, 500, encoder_hidden_states=text).sample
+        pipe.unet.disable_adapters()
+        off = pipe.unet(latents, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(off, plain)  # the same base underneath
+    assert (tuned - plain).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("mode", ["attention", "up_blocks"])
 def test_partial_unet_tuning_saves_a_unet(tmp_path, prepared, mode):
-    sd = load_sd("tiny")
-    from controlnet_emo.models.unet_tuning import configure_unet
+    """unet/ holds the base UNet with exactly the tuned part trained, and loads back as the
+    run's UNet."""
+    from diffusers import UNet2DConditionModel
 
-    params = configure_unet(sd.unet, mode)
-    total = sum(p.numel() for p in sd.unet.parameters())
-    assert 0 < sum(p.numel() for p in params) < total
-    assert all(p.requires_grad for p in params)
+    from controlnet_emo.inference.infer import load_pipeline
+    from controlnet_emo.models.unet_tuning import SELECTORS
+
+    out = run(tmp_path, prepared, mode, **{"model.unet_trainable": mode, "train.max_steps": 2})
+    base = load_sd("tiny").unet.state_dict()
+    saved = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    assert saved.keys() == base.keys()
+    tuned = {k for k in base if SELECTORS[mode](k)}
+    changed = {k for k in base if not torch.equal(saved[k], base[k])}
+    assert 0 < len(tuned) < len(base)
+    assert changed <= tuned  # the frozen rest is the base, bit for bit
+    assert len(changed) > 0.9 * len(tuned)  # (zero biases without a gradient stay zero)
+    pipe, info = load_pipeline(out, device="cpu")
+    assert info.unet == out / "unet"
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+RECORD_DRAWS = """
+import json, os, sys
+from controlnet_emo.cli.main import main
+from controlnet_emo.data.dataset import PreparedDataset
+
+drawn = []  # (index, draw key) of every training sample this process loads
+load = PreparedDataset.__getitem__
+PreparedDataset.__getitem__ = lambda self, item: (
+    drawn.append(list(item)) if self.train else None
+) or load(self, item)
+code = main(["train", *sys.argv[1:]])
+with open(os.path.join(os.environ["DRAWS"], os.environ.get("RANK", "0") + ".json"), "w") as f:
+    json.dump(drawn, f)
+sys.exit(code)
+"""
 
 
 def test_two_processes_share_the_work(tmp_path, prepared):
-    """DDP over gloo on CPU, launched as `accelerate launch`/torchrun would on GPUs."""
+    """DDP over gloo on CPU, launched as `accelerate launch`/torchrun would on GPUs: the two
+    ranks draw disjoint samples whose union is what one process with accumulation draws, and
+    both take the same two Adam steps. (Not to the same weights: the loop seeds the noise by
+    (step, micro-step, rank), so rank 1's noise is not the one process's second micro-batch's.)"""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    out = tmp_path / "ddp"
-    args = [
-        f"--set={o}"
-        for o in tiny_overrides(
-            out, prepared, **{"train.total_batch_size": 4, "train.max_steps": 2}
-        )
-    ]
-    script = Path(__file__).resolve().parent.parent / "train_controlnet.py"
+    # built here, once: two ranks building the tiny base into an empty cache at once race
+    start = build_controlnet(load_config(DEMO_CONFIG), load_sd("tiny").unet).state_dict()
+    script = tmp_path / "record_draws.py"
+    script.write_text(RECORD_DRAWS)
+    flags = {"train.total_batch_size": 4, "train.max_steps": 2, "train.ema": False}
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        "--config",
-        str(DEMO_CONFIG),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    args = [f"--set={o}" for o in tiny_overrides(tmp_path / "ddp", prepared, **flags)]
+    (tmp_path / "draws").mkdir()
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(
+        [sys.executable, *launch, "--config", str(DEMO_CONFIG), *args],
+        env={**env, "DRAWS": str(tmp_path / "draws")},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = out / "checkpoint-2"
+    rank0, rank1 = (json.loads((tmp_path / "draws" / f"{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = [tuple(d) for d in rank0], [tuple(d) for d in rank1]
+
+    one: list[tuple[int, int]] = []  # the same recipe in this one process, accumulating 2
+    load = PreparedDataset.__getitem__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            PreparedDataset,
+            "__getitem__",
+            lambda self, item: (
+                (one.append(tuple(item)) if self.train else None) or load(self, item)
+            ),
+        )
+        run(tmp_path, prepared, "one", **flags)
+    assert len(rank0) == len(rank1) == 4  # 2 steps x batch 2 on each rank
+    assert not {i for i, _ in rank0} & {i for i, _ in rank1}  # disjoint samples
+    for step in range(2):  # each step, the ranks' samples are the one process's 2 micro-batches
+        both = rank0[2 * step : 2 * step + 2] + rank1[2 * step : 2 * step + 2]
+        assert sorted(both) == sorted(one[4 * step : 4 * step + 4])
+    ckpt = tmp_path / "ddp" / "checkpoint-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
-    assert (out / "controlnet.safetensors").is_file()
+    ddp, single = weights(tmp_path / "ddp", 2), weights(tmp_path / "one", 2)
+    assert ddp.keys() == single.keys() == start.keys()
+    zero_convs = [k for k in ddp if k.startswith(("controlnet_down_blocks", "controlnet_mid"))]
+    for k in zero_convs:  # two Adam steps away from zero, as in the one-process run
+        assert start[k].abs().max() == 0 and 1e-3 < ddp[k].abs().max() < 2.1e-3, k
+        assert 1e-3 < single[k].abs().max() < 2.1e-3, k
 
 
 def test_cached_latents_train_like_on_the_fly(tmp_path, prepared):

@@ -2,16 +2,23 @@
 
 Kept apart from generation and plotting so each one can be checked on hand-made inputs, and
 so a benchmark or notebook can score its own readings with exactly the definitions the
-report uses.
+report uses. torchmetrics' functional API computes each figure whose definition matches
+ours (RMSE, PCC, macro-F1, top-k accuracy, the confusion matrix); CCC stays ours, and the
+comment in `ccc` says why.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
+from torchmetrics.functional.regression import mean_squared_error, pearson_corrcoef
 
 LEFT_EYE, RIGHT_EYE = 36, 45  # outer eye corners, 68-point scheme
 MIRROR_68 = (
@@ -29,19 +36,23 @@ def rmse(pred: Tensor, target: Tensor) -> float:
     """Root mean squared error of two (N,) series; NaN when empty."""
     if pred.numel() == 0:
         return math.nan
-    return float(((pred.double() - target.double()) ** 2).mean().sqrt())
+    return float(mean_squared_error(pred.double(), target.double(), squared=False))
 
 
 def pearson(pred: Tensor, target: Tensor) -> float:
-    """Pearson correlation; blind to shifts and scales (which is why CCC is reported too)."""
-    x, y = pred.double() - pred.double().mean(), target.double() - target.double().mean()
-    denom = (x.square().sum() * y.square().sum()).sqrt()
-    return float((x * y).sum() / denom) if x.numel() > 1 and denom > 0 else math.nan
+    """Pearson correlation; blind to shifts and scales (which is why CCC is reported too).
+    NaN for fewer than two values or a constant series (undefined, not an error)."""
+    x, y = pred.double(), target.double()
+    if x.numel() < 2 or x.var() == 0 or y.var() == 0:
+        return math.nan
+    return float(pearson_corrcoef(x, y))
 
 
 def ccc(pred: Tensor, target: Tensor) -> float:
     """Lin's concordance correlation: 1 only when the series agree in value, so a constant
     offset or a squashed range (a model that always predicts ~0) is penalised, unlike PCC."""
+    # Not torchmetrics' concordance_corrcoef: it takes n-1 (unbiased) variances and covariance,
+    # which do not cancel against the squared mean gap; Lin and EmoNet's published CCC use n.
     x, y = pred.double(), target.double()
     if x.numel() < 2:
         return math.nan
@@ -55,12 +66,10 @@ def macro_f1(pred: Tensor, target: Tensor) -> float:
     the majority class (happy is about half of AffectNet) cannot carry the figure."""
     if target.numel() == 0:
         return math.nan
-    scores = []
-    for c in torch.unique(torch.cat([pred, target])):
-        tp = ((pred == c) & (target == c)).sum().item()
-        wrong = ((pred == c) != (target == c)).sum().item()  # false positives + negatives
-        scores.append(2 * tp / (2 * tp + wrong))
-    return float(np.mean(scores))
+    # torchmetrics' macro average leaves out a class absent from both sides (tp+fp+fn = 0),
+    # so any num_classes above the largest class seen gives the same figure (it wants >= 2).
+    n = max(2, int(torch.cat([pred, target]).max()) + 1)
+    return float(multiclass_f1_score(pred, target, num_classes=n, average="macro"))
 
 
 def topk_accuracy(logits: Tensor, target: Tensor, k: int) -> float:
@@ -72,8 +81,11 @@ def topk_accuracy(logits: Tensor, target: Tensor, k: int) -> float:
     """
     if target.numel() == 0:
         return math.nan
-    best = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N,k)
-    return float((best == target[:, None]).any(dim=1).double().mean())
+    c = logits.shape[1]
+    # "micro": the share over samples, not a mean over classes (torchmetrics' default).
+    return float(
+        multiclass_accuracy(logits, target, num_classes=c, top_k=min(k, c), average="micro")
+    )
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, n_classes: int) -> Tensor:
@@ -81,9 +93,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, n_classes: int) -> Tensor:
 
     Pairs with a class outside [0, C) on either side are left out (a missing label is -1).
     """
+    # torchmetrics refuses out-of-range predictions (its ignore_index is for labels only).
     keep = (target >= 0) & (target < n_classes) & (pred >= 0) & (pred < n_classes)
-    flat = target[keep].long() * n_classes + pred[keep].long()  # (M,)
-    return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return multiclass_confusion_matrix(pred[keep].long(), target[keep].long(), n_classes)
 
 
 def heatmap_landmarks(

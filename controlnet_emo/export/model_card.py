@@ -2,8 +2,10 @@
 
 Why generated: a run folder is what gets shared (the hub, a colleague's disk), and the card
 is the one place that says which maps go in which channels. Written from the resolved config,
-so it never disagrees with the weights beside it. Front matter follows the Hugging Face model
-card convention (``library_name``, ``base_model``, ``tags``).
+so it never disagrees with the weights beside it. The card is a ``huggingface_hub``
+``ModelCard`` whose YAML header is a ``ModelCardData`` (``library_name``, ``base_model``,
+``license``, ``pipeline_tag``, ``tags``), so the hub, ``ModelCard.load`` and other tools read
+the metadata the way they read any diffusers model's.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ import json
 import re
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from controlnet_emo.atomic import atomic_write_text
 from controlnet_emo.config import Config
+
+OWN_BASES = ("tiny", "demo-face-base")
+"""Bases whose weights this project makes (Apache-2.0, like the code); any other base's
+licence carries over to a ControlNet trained on it, and the card cannot know it."""
+TAGS = ("controlnet", "stable-diffusion", "stable-diffusion-diffusers", "controlnet-emo")
 
 CONDITION_HELP = {
     "flame": "FLAME render (EMOCA geometry, RGB, on the photo's canvas)",
@@ -26,14 +35,20 @@ def write_model_card(run_dir: str | Path, cfg: Config, steps: int) -> Path:
     """Write ``RUN/README.md`` (atomically) and return its path."""
     run = Path(run_dir)
     path = run / "README.md"
-    atomic_write_text(path, render_model_card(run, cfg, steps))
+    atomic_write_text(path, str(build_model_card(run, cfg, steps)))
     return path
 
 
 def render_model_card(run: Path, cfg: Config, steps: int) -> str:
+    """The card's text (YAML header, then markdown), as `write_model_card` writes it."""
+    return str(build_model_card(run, cfg, steps))
+
+
+def build_model_card(run: Path, cfg: Config, steps: int) -> ModelCard:
+    """The run's card as a ``huggingface_hub.ModelCard``: ``card.data`` is the metadata the
+    hub indexes, ``card.push_to_hub(repo)`` shares it beside the weights."""
     multi = cfg.model.controlnet.mode == "multi"
-    parts = [
-        _front_matter(cfg),
+    body = [
         f"# {run.name}: emotion-faithful face ControlNet\n",
         f"A ControlNet for `{cfg.model.pretrained}` that draws faces following "
         f"{_join(cfg.conditions)} maps and the emotion they carry. Trained with controlnet-emo "
@@ -49,34 +64,35 @@ def render_model_card(run: Path, cfg: Config, steps: int) -> str:
         _samples_section(run),
         _files_section(run, cfg, multi),
         _usage_section(run, cfg, multi),
+        _license_section(cfg),
     ]
-    return "\n".join(parts).rstrip() + "\n"
+    text = "\n".join(body).rstrip() + "\n"
+    return ModelCard(f"---\n{card_data(cfg).to_yaml()}\n---\n\n{text}")
 
 
-def _front_matter(cfg: Config) -> str:
-    lines = ["---", "library_name: diffusers"]
+def card_data(cfg: Config) -> ModelCardData:
+    """The card's YAML header. ``base_model`` only for a hub id: a local path means nothing
+    on another machine. ``inference: false``: the hub's widget cannot feed condition maps."""
     base = cfg.model.pretrained
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists():
-        lines.append(f"base_model: {base}")  # a hub id; local paths mean nothing elsewhere
-    lines += [
-        "tags:",
-        *(
-            f"- {t}"
-            for t in (
-                "controlnet",
-                "stable-diffusion",
-                "stable-diffusion-diffusers",
-                "controlnet-emo",
-                "face",
-                "emotion",
-                *cfg.conditions,
-            )
-        ),
-        "inference: false",
-        "---",
-        "",
-    ]
-    return "\n".join(lines)
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists()
+    return ModelCardData(
+        library_name="diffusers",
+        base_model=base if hub_id else None,
+        license="apache-2.0" if base in OWN_BASES else "other",
+        pipeline_tag="text-to-image",
+        tags=[*TAGS, "face", "emotion", *cfg.conditions],
+        inference=False,
+    )
+
+
+def _license_section(cfg: Config) -> str:
+    if cfg.model.pretrained in OWN_BASES:
+        return "## License\n\nApache-2.0, like the base model and controlnet-emo itself.\n"
+    return (
+        f"## License\n\nThese weights were trained on `{cfg.model.pretrained}`: its licence "
+        "(and your training data's terms) apply to them. The header says `license: other` "
+        "until you set it.\n"
+    )
 
 
 def _conditions_section(cfg: Config, multi: bool) -> str:
@@ -255,7 +271,7 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
             "This stock pipeline draws what `controlnet-emo infer --no-map-guidance` draws. "
             "`infer` also guides over the maps (its unconditional branch sees zeroed maps), which "
             "makes faces follow their renders more closely: use "
-            "`controlnet_emo.pipeline.MapGuidedControlNetPipeline` in place of "
+            "`controlnet_emo.models.pipeline.MapGuidedControlNetPipeline` in place of "
             "`StableDiffusionControlNetPipeline` for the same images.",
             "",
             "### ComfyUI / A1111",

@@ -21,7 +21,7 @@ from controlnet_emo.export.formats import (
     save_diffusers,
     write_single_file,
 )
-from controlnet_emo.export.model_card import write_model_card
+from controlnet_emo.export.model_card import comfyui_problem, write_model_card
 from controlnet_emo.export.model_info import SIDECAR, ExportError, read_model_info
 from controlnet_emo.export.original_layout import to_original_layout
 from controlnet_emo.models.sd import load_sd
@@ -190,6 +190,8 @@ def test_model_card(tmp_path, tiny_unet):
     assert "| lpips | 0.08 |" in text
     assert "ControlNetModel.from_pretrained" in text and "from_single_file" in text
     assert "ComfyUI" in text and "controlnet-emo infer" in text
+    # the tiny base's net is not of a shape ComfyUI builds: the card must not promise it
+    assert "will not load in ComfyUI or A1111 as trained" in text
 
 
 def test_export_cli(tmp_path, tiny_unet, capsys):
@@ -374,3 +376,6 @@ def test_export_cli_warns_where_comfyui_cannot_load_the_file(tmp_path, capsys):
     assert out.strip() == str(path) and path.is_file()
     assert err.startswith(f"warning: {path} will not load as trained in ComfyUI/A1111: ")
     assert "norm_num_groups 16" in err and len(err.strip().splitlines()) == 1
+    # the model card says the same as the export
+    assert comfyui_problem(tmp_path / "comfy") is None
+    assert "norm_num_groups 16" in comfyui_problem(tmp_path / "demo")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -235,17 +236,28 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
         f"height={size}, width={size}, num_inference_steps=30).images[0]\n"
     )
     extra = " ".join(f"--{n} {n}.png" for n in names if n != "flame")
-    comfy = (
-        "Copy each `controlnet_<condition>.safetensors` into `ComfyUI/models/controlnet/` "
-        "(A1111: `extensions/sd-webui-controlnet/models/`), load the base checkpoint, and chain "
-        "one *Apply ControlNet* per condition with its RGB map as the image (apply it to the "
-        "negative conditioning with a black image for `infer`'s guidance over the maps)."
-        if multi or len(names) == 1
-        else f"`controlnet.safetensors` loads in ComfyUI (`models/controlnet/`) and A1111, which read "
-        f"its {3 * len(names)} hint channels from `input_hint_block.0.weight`; their hint "
-        "inputs are RGB images, though, so drive this stacked net with `controlnet-emo infer` "
-        "or diffusers. Train with `model.controlnet.mode: multi` for one RGB net per condition."
-    )
+    why_not = comfyui_problem(run)
+    if why_not:
+        comfy = (
+            f"**The exported files will not load in ComfyUI or A1111 as trained**: {why_not}. "
+            "Their loaders build only ControlNets of SD 1.5 / 2.x / SDXL shape; train on such "
+            "a base to share the net there."
+        )
+    elif multi or len(names) == 1:
+        comfy = (
+            "Copy each `controlnet_<condition>.safetensors` into `ComfyUI/models/controlnet/` "
+            "(A1111: `extensions/sd-webui-controlnet/models/`), load the base checkpoint, and "
+            "chain one *Apply ControlNet* per condition with its RGB map as the image (apply it "
+            "to the negative conditioning with a black image for `infer`'s guidance over the maps)."
+        )
+    else:
+        comfy = (
+            f"`controlnet.safetensors` loads in ComfyUI (`models/controlnet/`) and A1111, which "
+            f"read its {3 * len(names)} hint channels from `input_hint_block.0.weight`; their "
+            "hint inputs are RGB images, though, so drive this stacked net with `controlnet-emo "
+            "infer` or diffusers. Train with `model.controlnet.mode: multi` for one RGB net per "
+            "condition."
+        )
     return "\n".join(
         [
             "## Use it",
@@ -280,6 +292,21 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
             "",
         ]
     )
+
+
+def comfyui_problem(run: Path) -> str | None:
+    """Why ComfyUI's loader would not build the run's ControlNet as trained (None: it would,
+    or the run has no saved net yet): the card must not promise what the file cannot do."""
+    from diffusers import ControlNetModel
+    from diffusers.configuration_utils import FrozenDict
+
+    from controlnet_emo.export.formats import comfyui_compatibility
+
+    for folder in (run / "controlnet", run / "controlnet_0"):
+        if (folder / "config.json").is_file():
+            config = FrozenDict(ControlNetModel.load_config(folder))
+            return comfyui_compatibility(SimpleNamespace(config=config))
+    return None
 
 
 def _last_metrics(run: Path) -> dict | None:

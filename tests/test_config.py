@@ -152,3 +152,37 @@ def test_a_run_whose_first_steps_have_no_active_term_is_refused(tmp_path, capsys
     # either term scheduled from step 0 is a run that trains
     load_config("demo", ["loss.diffusion.weight=0", "loss.pixel.start_step=0"])
     load_config("demo", ["loss.pixel.start_step=500"])
+
+
+def test_recipes_are_usable_by_name_from_any_folder(tmp_path, monkeypatch):
+    """After ``pip install`` there is no configs/ beside the user: ``--config demo`` finds the
+    shipped recipe, and so does the old ``configs/demo.yaml`` spelling from another folder."""
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("stableface_best")
+    assert by_name.loss.lpips.weight == pytest.approx(0.08)
+    assert load_config("configs/demo.yaml").data.resolution == load_config("demo").data.resolution
+    with pytest.raises(ConfigError, match="shipped recipes by name: .*stableface_best"):
+        load_config("stableface_bets")
+    (tmp_path / "demo.yaml").write_text("seed: 7\n")  # a user's own file wins over the name
+    assert load_config("demo.yaml").seed == 7
+
+
+def test_the_wheel_ships_the_recipes_and_the_small_models(tmp_path):
+    """`pip install .` (not editable) must carry what `controlnet-emo demo` reads."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        check=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("controlnet_emo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    recipes = {f"controlnet_emo/configs/{p.name}" for p in CONFIGS.glob("*.yaml")}
+    assert recipes and recipes <= names
+    assert "controlnet_emo/configs/accelerate/1gpu.yaml" in names
+    assert "controlnet_emo/weights/demo-face-base/unet/diffusion_pytorch_model.safetensors" in names
+    assert "controlnet_emo/weights/demo-critic-eval/model.safetensors" in names

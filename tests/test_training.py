@@ -463,9 +463,7 @@ def test_model_files_of_a_run_are_readable_by_others_under_umask_022(tmp_path, p
 
     old = os.umask(0o022)
     try:
-        out = run(
-            tmp_path, prepared, "run", **{"train.max_steps": 1, "train.checkpoint_every": 1}
-        )
+        out = run(tmp_path, prepared, "run", **{"train.max_steps": 1, "train.checkpoint_every": 1})
     finally:
         os.umask(old)
     files = [out / "controlnet.safetensors", out / "README.md", *(out / "controlnet").iterdir()]

@@ -82,6 +82,19 @@ def test_gallery_lists_the_held_out_samples_with_their_captions(engine, run):
         assert h.prompt == (r["text"] or f"a photo of a {word} face")
 
 
+def test_a_run_with_relative_paths_finds_its_data_from_any_folder(tmp_path, monkeypatch):
+    """As `make demo` leaves it: output_dir runs/demo, data.root runs/demo/data, both relative
+    to the project; the app started elsewhere with --model /abs/.../runs/demo still finds them."""
+    run, _ = make_run(tmp_path / "project" / "runs" / "x")
+    write_prepared(run / "data")
+    cfg = load_config(run / "config.yaml")
+    cfg.output_dir, cfg.data.root = "runs/x", "runs/x/data"
+    cfg.save(run / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    found = Engine(run.resolve(), critic=DEMO_CRITIC, device="cpu")
+    assert found.data == run.resolve() / "data" and len(found.held_out) == 2
+
+
 def test_the_app_draws_the_face_infer_draws_for_the_same_seed(engine, tmp_path):
     h = engine.held_out[0]
     maps, target = engine.held_out_maps(0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -30,6 +31,7 @@ from controlnet_emo.data.dataset import Record, held_out_records
 from controlnet_emo.evaluation.evaluate import SELF_GRADING_WARNING, read_faces
 from controlnet_emo.export.model_info import ModelInfo
 from controlnet_emo.inference.edit import (
+    EXPRESSION_CODES,
     EditError,
     condition_maps,
     find_expression_codes,
@@ -195,15 +197,16 @@ class Engine:
         self.model = resolve_run(model)
         self.info = model_info(self.model)
         run_config = self.info.run_dir / "config.yaml" if self.info.run_dir else None
-        self.cfg = load_config(run_config) if run_config and run_config.is_file() else Config()
-        self.data = Path(data) if data is not None else Path(self.cfg.data.root)
+        has_config = run_config is not None and run_config.is_file()
+        self.cfg = load_config(run_config) if has_config else Config()
+        self.data = Path(data) if data is not None else self._data_root() if has_config else None
         self.critic_spec, self.warnings = critic_spec(self.info, self.cfg, critic)
         try:
             critic_net = build_emonet(self.critic_spec)
         except (ValueError, OSError) as err:
             raise AppError(f"--critic {self.critic_spec}: {err}") from None
         self.size = self.info.resolution
-        self.defaults = Sampling.validation(self.cfg) if run_config else Sampling()
+        self.defaults = Sampling.validation(self.cfg) if has_config else Sampling()
         self.pipe, self.info = load_pipeline(
             self.model, Sampling(scheduler="default"), device=device
         )
@@ -221,7 +224,21 @@ class Engine:
 
     # -- inputs -> maps (3N, H, W) in [0, 1], in the model's condition order ------------------
 
+    def _data_root(self) -> Path:
+        """The run's ``data.root``; a relative one is relative to where training ran, which
+        the run folder and its relative ``output_dir`` tell when the app starts elsewhere."""
+        root = Path(self.cfg.data.root)
+        out = Path(self.cfg.output_dir)
+        if root.is_absolute() or root.exists() or out.is_absolute():
+            return root
+        run = self.info.run_dir.resolve()
+        if run.parts[-len(out.parts) :] == out.parts:
+            return run.parents[len(out.parts) - 1] / root
+        return root
+
     def _held_out(self) -> list[HeldOut]:
+        if self.data is None:
+            return []
         if not (self.data / "metadata.jsonl").is_file():
             self.warnings.append(
                 f"{self.data}: no prepared dataset here, so no held-out samples "
@@ -305,6 +322,8 @@ class Engine:
             raise AppError(f"strength {strength}: must be in [0, 1]")
         try:
             target = expression_index(expression)
+            if expression_codes is None and self.data is not None:
+                expression_codes = self.data / EXPRESSION_CODES
             means = ExpressionMeans.load(find_expression_codes(self.model, expression_codes))
             flame = FlameModel.from_file(flame_model)
             posed = pose_folder(flame, codes)
@@ -323,6 +342,8 @@ class Engine:
         from conditioners.prepare import codes_folder
         from controlnet_emo.synthetic.flame import FLAME_MODEL_FILE
 
+        if self.data is None:
+            return None
         raw = self.data.parent / "raw"
         if not (raw / FLAME_MODEL_FILE).is_file() or not 0 <= index < len(self.held_out):
             return None
@@ -497,9 +518,7 @@ def _tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_array(image)).permute(2, 0, 1).float() / 255
 
 
-def _array(image: Image.Image) -> Any:
-    import numpy as np
-
+def _array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The app in headless Chromium (Debian's browser, driven by Playwright; nothing downloaded at
+# test time). Installs the browser with apt when it is missing.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(BIN)/pytest -q tests/test_app_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check controlnet_emo conditioners tests benchmarks *.py

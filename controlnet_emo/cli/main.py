@@ -105,6 +105,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(config_from_args(args), args)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """The local web app (controlnet_emo/app); a missing run or critic is one line, exit 2."""
+    from controlnet_emo.app.engine import AppError
+    from controlnet_emo.app.ui import launch
+    from controlnet_emo.inference.infer import InferenceError
+
+    try:
+        launch(args.model, args.host, args.port, args.critic, args.device, args.data)
+    except (AppError, InferenceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlnet-emo", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -200,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
         p.set_defaults(func=handler)
+
+    p = sub.add_parser("app", help="local web app: draw faces from a run and read them")
+    p.add_argument("--model", help="run folder (default: runs/demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--critic",
+        help="evaluation critic: EmoNet weights, a face-critic folder or a shipped name "
+        "(default: demo-critic-eval on the demo base, else the run's model.emonet, which warns)",
+    )
+    p.add_argument("--data", help="prepared dataset for the held-out gallery (default: the run's)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

@@ -155,7 +155,6 @@ def test_resume_continues_exactly(tmp_path, data, xl_run):
         train(load_config(DEMO_CONFIG, tiny_overrides(half, data, keep_losses=True, **flags)))
     a = load_file(xl_run / "checkpoint-2" / "model.safetensors")
     b = load_file(half / "checkpoint-2" / "model.safetensors")
-    print("DEBUG", _debug(a, b))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
@@ -200,8 +199,3 @@ def test_multi_mode_with_lora_trains_and_exports_one_file_per_condition(tmp_path
         assert net.config.addition_embed_type == "text_time"
     assert (out / "unet_lora").is_dir()
     shutil.rmtree(out)
-
-
-def _debug(a, b):
-    bad = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
-    return len(bad), len(a), sorted(bad.items(), key=lambda x: -x[1])[:5]

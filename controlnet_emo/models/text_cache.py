@@ -71,11 +71,15 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(k for k in keys if k not in self._rows))
         fresh: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if missing:
-            rows = [keys.index(k) for k in missing]
             device = next(self.text_encoders[0].parameters()).device
-            text = encode_captions(self.text_encoders, input_ids[rows].to(device), self.dtype)
-            pooled = text.pooled if text.pooled is not None else [None] * len(rows)
-            fresh = dict(zip(missing, zip(text.hidden, pooled, strict=True), strict=True))
+            for key in missing:
+                # one row at a time: a cached row must not depend on which captions shared its
+                # first batch (batched GEMMs round differently per batch size), or a resumed
+                # run, whose cache starts empty, would drift from an uninterrupted one
+                row = input_ids[keys.index(key)][None].to(device)
+                text = encode_captions(self.text_encoders, row, self.dtype)
+                pooled = None if text.pooled is None else text.pooled[0]
+                fresh[key] = (text.hidden[0], pooled)
             room = max(0, self.max_entries - len(self._rows))
             self._rows.update(list(fresh.items())[:room])
         picked = [self._rows[k] if k in self._rows else fresh[k] for k in keys]

@@ -199,3 +199,15 @@ def test_multi_mode_with_lora_trains_and_exports_one_file_per_condition(tmp_path
         assert net.config.addition_embed_type == "text_time"
     assert (out / "unet_lora").is_dir()
     shutil.rmtree(out)
+
+
+def test_doctor_checks_both_text_encoders_of_an_sdxl_folder(tmp_path):
+    from controlnet_emo.cli.doctor import sd_folder_problems
+
+    folder = tmp_path / "xl"
+    shutil.copytree(resolve_pretrained("tiny-xl"), folder)
+    assert sd_folder_problems(folder) == []
+    shutil.rmtree(folder / "text_encoder_2")
+    shutil.rmtree(folder / "tokenizer_2")
+    problems = "; ".join(sd_folder_problems(folder))
+    assert "text_encoder_2" in problems and "tokenizer_2/" in problems

@@ -41,7 +41,7 @@ def test_text_cache_equals_encoding_every_time_and_encodes_each_caption_once():
         ids = _ids(sd.tokenizer, batch)
         with torch.no_grad():
             direct = sd.text_encoder(ids, return_dict=False)[0]
-        torch.testing.assert_close(cache(ids), direct, rtol=0, atol=0)
+        torch.testing.assert_close(cache(ids).hidden, direct, rtol=0, atol=0)
     assert encoder.rows == 3 and len(cache) == 3  # three distinct captions, once each
 
 
@@ -51,7 +51,7 @@ def test_text_cache_stays_within_its_size():
     ids = _ids(sd.tokenizer, ["a happy face", "a sad face"])
     with torch.no_grad():
         direct = sd.text_encoder(ids, return_dict=False)[0]
-    torch.testing.assert_close(cache(ids), direct, rtol=0, atol=0)
+    torch.testing.assert_close(cache(ids).hidden, direct, rtol=0, atol=0)
     assert len(cache) == 1
 
 

@@ -221,14 +221,34 @@ def model_folder_problems(folder: Path, variant: str | None = None) -> list[str]
 
 def sd_folder_problems(folder: Path, variant: str | None = None) -> list[str]:
     """The parts ``models.sd.load_sd`` reads from a diffusers folder, each checked for files."""
+    from controlnet_emo.models.sd import unsupported_family_message
+
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        return [unsupported_family_message(folder.name, "a transformer pipeline (no unet/)")]
+    xl = base_family(folder) == "sdxl"  # SDXL: two text encoders and two tokenizers
+    encoders = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
     problems = []
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", *encoders):
         problems += model_folder_problems(folder / part, variant)
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         problems.append("scheduler/scheduler_config.json missing")
-    if not any((folder / "tokenizer" / n).is_file() for n in ("tokenizer.json", "vocab.json")):
-        problems.append("tokenizer/ has no tokenizer.json or vocab.json")
+    for tok in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        if not any((folder / tok / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+            problems.append(f"{tok}/ has no tokenizer.json or vocab.json")
     return problems
+
+
+def base_family(folder: Path) -> str:
+    """'sdxl' or 'sd', from the folder's unet/config.json (as ``load_sd`` decides)."""
+    import json
+
+    from controlnet_emo.models.sd import unet_family
+
+    path = folder / "unet" / "config.json"
+    try:
+        return unet_family(json.loads(path.read_text())) if path.is_file() else "sd"
+    except (OSError, ValueError):
+        return "sd"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +285,12 @@ def check_base_model(cfg: Config) -> tuple[list[Row], Path | None]:
         return [
             Row("missing", name, detail, missing_model_message(spec, "; ".join(problems)))
         ], None
-    if spec == "tiny":
-        return [Row("warn", name, "tiny: random weights built from code (tests only)")], folder
+    if spec in ("tiny", "tiny-xl"):
+        return [Row("warn", name, f"{spec}: random weights built from code (tests only)")], folder
     shown = spec if str(folder) == spec else f"{spec} -> {folder}"
+    if base_family(folder) == "sdxl":
+        vae = "fp32 (fp16 overflows)" if cfg.train.mixed_precision == "fp16" else "run dtype"
+        shown += f" (SDXL: text_encoder + text_encoder_2, VAE in {vae})"
     return [Row("ok", name, shown)], folder
 
 

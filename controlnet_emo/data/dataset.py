@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, Sampler
 
 from controlnet_emo.config import Config
 from controlnet_emo.data.batch import Batch
-from controlnet_emo.data.transforms import paired_transform
+from controlnet_emo.data.transforms import paired_transform_with_time_ids
 from controlnet_emo.labels import CONDITION_KEYS, EXPRESSION_WORDS
+from controlnet_emo.models.text_cache import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class PreparedDataset(Dataset):
         if not records:
             raise ValueError(f"{root}: no samples for this split")
         self.root, self.records, self.conditions = Path(root), records, conditions
-        self.resolution, self.tokenizer, self.template = resolution, tokenizer, caption_template
+        self.resolution, self.template = resolution, caption_template
+        # one tokenizer (SD) or SDXL's two, whose ids are stacked per sample (2,77)
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         self.train, self.seed, self.hflip = train, seed, hflip
         self.condition_dropout, self.caption_dropout = condition_dropout, caption_dropout
         # (N,O,2C,h,w) cached VAE posteriors, O orientations (plain, mirrored), or None
@@ -144,10 +147,12 @@ class PreparedDataset(Dataset):
         paths = [rec.file_name, *(rec.maps[c] for c in self.conditions)]
         images = [self._read(p) for p in paths[1 - self.load_target :]]
         if self.latent_moments is None:
-            target, *maps = paired_transform(images, self.resolution, rng, self.hflip)
+            (target, *maps), time_ids = paired_transform_with_time_ids(
+                images, self.resolution, rng, self.hflip
+            )
             orientation = 0
         else:  # the cache holds the centre crop, plain and mirrored: crop there, flip freely
-            images = paired_transform(images, self.resolution, None)
+            images, time_ids = paired_transform_with_time_ids(images, self.resolution, None)
             orientation = int(self._draw_flip(rng))
             images = [im.flip(-1) for im in images] if orientation else images
             target, *maps = images if self.load_target else [torch.zeros(3, 0, 0), *images]
@@ -160,13 +165,7 @@ class PreparedDataset(Dataset):
         conditions = torch.cat(
             [m * k for m, k in zip(maps, keep, strict=False)]
         )  # (3N,H,W), dropped = 0
-        ids = self.tokenizer(
-            text,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
+        ids = tokenize(self.tokenizers, [text])[0]  # (77,), or (2,77) for SDXL
         sample = {
             "pixel_values": target * 2 - 1,  # (3,H,W) in [-1,1] per image; (3,0,0) unloaded
             "conditions": conditions,
@@ -174,6 +173,7 @@ class PreparedDataset(Dataset):
             "expression": rec.expression if 0 <= rec.expression < 8 else -1,
             "valence": rec.valence,
             "arousal": rec.arousal,
+            "time_ids": time_ids,  # (6,)
         }
         if self.latent_moments is not None:
             sample["latent_moments"] = self.latent_moments[i, orientation]  # (2C,h,w)
@@ -237,6 +237,9 @@ def collate(samples: list[dict]) -> Batch:
         arousal=torch.tensor([s["arousal"] for s in samples], dtype=torch.float32),
         latent_moments=torch.stack([s["latent_moments"] for s in samples])
         if "latent_moments" in samples[0]
+        else None,
+        time_ids=torch.stack([s["time_ids"] for s in samples])
+        if "time_ids" in samples[0]
         else None,
     )
 

@@ -64,13 +64,26 @@ def paired_transform(
 
     ``rng=None`` means evaluation: centre crop, no flip. All images must share a size.
     """
+    return paired_transform_with_time_ids(images, size, rng, hflip)[0]
+
+
+def paired_transform_with_time_ids(
+    images: list[torch.Tensor], size: int, rng: np.random.Generator | None, hflip: bool = True
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``paired_transform``, plus the crop it took as SDXL's micro-conditioning ``time_ids``
+    (6,): original height and width, crop top and left (in the resized image, as seen after
+    the flip), target height and width. SDXL was trained told how its pictures were cropped;
+    telling it the truth keeps cut-off faces out of what it draws (SD ignores them)."""
     shapes = {tuple(im.shape[1:]) for im in images}
     if len(shapes) != 1:
         raise ValueError(f"target and condition maps differ in size: {sorted(shapes)}")
+    _, h0, w0 = images[0].shape
     resized = [resize_short_side(im, size) for im in images]
     _, h, w = resized[0].shape
     if rng is None:
         p = CropParams(top=(h - size) // 2, left=(w - size) // 2, flip=False)
     else:
         p = sample_crop(h, w, size, rng, hflip)
-    return [apply_crop(im, size, p) for im in resized]
+    left = w - size - p.left if p.flip else p.left
+    time_ids = torch.tensor([h0, w0, p.top, left, size, size], dtype=torch.float32)
+    return [apply_crop(im, size, p) for im in resized], time_ids

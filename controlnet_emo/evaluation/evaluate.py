@@ -57,6 +57,7 @@ from controlnet_emo.evaluation.structure import (
 from controlnet_emo.export.model_info import ModelInfo
 from controlnet_emo.inference.infer import check_sampling, load_pipeline, model_info
 from controlnet_emo.models.sampling import Sampling, sample
+from controlnet_emo.models.text_cache import tokenizers_of
 
 PUBLISHED_EMONET = {  # Toisoul et al. 2021 on AffectNet (FACTS.md), by class count
     8: {
@@ -250,7 +251,13 @@ def evaluate(
     pipe, info = load_pipeline(run, s, device=device)
     size = resolution or info.resolution
     ds = PreparedDataset(
-        data, records, info.conditions, size, pipe.tokenizer, cfg.data.caption_template, train=False
+        data,
+        records,
+        info.conditions,
+        size,
+        tokenizers_of(pipe),
+        cfg.data.caption_template,
+        train=False,
     )
     prompts = [prompt if prompt is not None else ds.caption(r) for r in records]
     read, labels, shown = generate_and_read(

@@ -20,8 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from controlnet_emo.data.batch import Batch
-from controlnet_emo.models.controlnet import controlled_prediction
-from controlnet_emo.models.text_cache import encode_captions
+from controlnet_emo.models.controlnet import added_conditions, controlled_prediction
+from controlnet_emo.models.text_cache import encode_captions, text_encoders_of
 from controlnet_emo.training.losses import diffusion_target
 
 PROBE_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -72,7 +72,8 @@ def _batch_errors(
     latents = vae.encode(pixels).latent_dist.mean.float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents = (latents - shift) * vae.config.scaling_factor
-    text = encode_captions(pipe.text_encoder, batch.input_ids.to(device), dtype)
+    text = encode_captions(text_encoders_of(pipe), batch.input_ids.to(device), dtype)
+    added = added_conditions(text.pooled, batch.time_ids)
     out = dict.fromkeys(maps, 0.0)
     for t in timesteps:
         generator = torch.Generator("cpu").manual_seed(t)  # the same noise for every map set
@@ -82,7 +83,7 @@ def _batch_errors(
         target = diffusion_target(latents, noise, ts, scheduler)  # noise, or v for v-models
         for name, cond in maps.items():
             pred = controlled_prediction(
-                pipe.unet, pipe.controlnet, noisy, ts, text, cond.to(device), dtype
+                pipe.unet, pipe.controlnet, noisy, ts, text.hidden, cond.to(device), dtype, added
             )
             out[name] += float(((pred - target) ** 2).mean()) / len(timesteps)
     return out

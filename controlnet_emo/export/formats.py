@@ -34,7 +34,7 @@ from controlnet_emo.export.model_info import (
     write_sidecar,
 )
 from controlnet_emo.export.original_layout import to_original_layout
-from controlnet_emo.models.controlnet import CHANNELS_PER_CONDITION
+from controlnet_emo.models.controlnet import CHANNELS_PER_CONDITION, controlnet_family
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,11 @@ def _save_folder(net: torch.nn.Module, folder: Path, info: dict[str, Any]) -> No
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp, safe_serialization=True)
-    write_sidecar(tmp, {**info, "weights_sha256": weights_sha256(net.state_dict())})
+    # the family is the net's own (SDXL's takes added embeddings), whatever the caller knew
+    family = controlnet_family(net)
+    write_sidecar(
+        tmp, {**info, "family": family, "weights_sha256": weights_sha256(net.state_dict())}
+    )
     set_usual_modes(tmp)  # safetensors writes 0600: others on the machine must read it too
     old = folder.with_name(folder.name + f".old{os.getpid()}")
     if folder.exists():
@@ -191,6 +195,7 @@ def read_single_file(path: str | Path) -> tuple[ModelInfo, dict[str, Any], str |
     info = ModelInfo(
         conditions=meta["controlnet_emo.conditions"].split(","),
         base_model=None if base in (None, "", "None") else base,
+        family=meta.get("controlnet_emo.family", "sd"),
         resolution=int(meta.get("controlnet_emo.resolution", 512)),
         steps=int(meta.get("controlnet_emo.steps", 0)),
         unet_trainable=meta.get("controlnet_emo.unet_trainable", "none"),
@@ -209,7 +214,12 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Any:
     from safetensors.torch import load_file
 
     info, config, expected = read_single_file(path)
-    check_weights(load_file(str(path)), expected, str(path))
+    state = load_file(str(path))
+    check_weights(state, expected, str(path))
+    if config.get("addition_embed_type") == "text_time":
+        net = _sdxl_from_original_layout(state, config, dtype)
+        check_channels([net], info.conditions, "stacked", where=str(path))
+        return net
     with tempfile.TemporaryDirectory(prefix="controlnet-emo-config-") as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         try:
@@ -218,6 +228,32 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> Any:
             raise ExportError(f"{path}: not a loadable ControlNet single file ({err})") from None
     check_channels([net], info.conditions, "stacked", where=str(path))
     return net
+
+
+def _sdxl_from_original_layout(
+    state: dict[str, torch.Tensor], config: dict[str, Any], dtype: torch.dtype | None
+) -> Any:
+    """An SDXL ControlNet from an original-layout file: diffusers' own converter
+    (``convert_controlnet_checkpoint``) for every key it maps, plus the added embedding
+    (``label_emb``), which diffusers 0.42 maps for SDXL UNets but not for ControlNets (so its
+    ``ControlNetModel.from_single_file`` cannot read SDXL ControlNets in this layout, ours or
+    anyone's); the names come from its SDXL UNet map, and every weight must be filled."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import (
+        DIFFUSERS_TO_LDM_MAPPING,
+        LDM_CONTROLNET_KEY,
+        convert_controlnet_checkpoint,
+    )
+
+    converted = convert_controlnet_checkpoint(dict(state), config)
+    for ours, original in DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"].items():
+        converted[ours] = state[LDM_CONTROLNET_KEY + original]
+    net = ControlNetModel.from_config(config)
+    try:
+        net.load_state_dict(converted, strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"not a loadable SDXL ControlNet single file ({err})") from None
+    return net.to(dtype) if dtype is not None else net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +303,9 @@ def info_metadata(
         "controlnet_emo.hint_channels": str(CHANNELS_PER_CONDITION * len(conditions)),
         "controlnet_emo.mode": info.mode,
         "controlnet_emo.base_model": str(info.base_model),
+        "controlnet_emo.family": controlnet_family(controlnet)
+        if controlnet is not None
+        else info.family,
         "controlnet_emo.resolution": str(res),
         "controlnet_emo.loss_weights": json.dumps(info.loss_weights),
         "controlnet_emo.steps": str(info.steps),
@@ -360,6 +399,8 @@ def _attention_levels(config: Any) -> list[tuple[int, int]]:
 def _architecture(controlnet: Any | None, resolution: int) -> str:
     """SAI architecture id of the base, read from the ControlNet's text-conditioning width."""
     dim = getattr(getattr(controlnet, "config", None), "cross_attention_dim", 768)
+    if controlnet is not None and controlnet_family(controlnet) == "sdxl":
+        return "stable-diffusion-xl-v1-base" if dim == 2048 else f"stable-diffusion-xl-custom-{dim}"
     if dim == 1024:
         return "stable-diffusion-v2-768-v" if resolution >= 768 else "stable-diffusion-v2-512"
     if dim == 768:

@@ -53,10 +53,12 @@ def build_model_card(run: Path, cfg: Config, steps: int) -> ModelCard:
         f"# {run.name}: emotion-faithful face ControlNet\n",
         f"A ControlNet for `{cfg.model.pretrained}` that draws faces following "
         f"{_join(cfg.conditions)} maps and the emotion they carry. Trained with controlnet-emo "
-        f"for {steps} steps at {cfg.data.resolution}x{cfg.data.resolution} px"
+        f"for {steps} steps at {cfg.data.resolution}x{cfg.data.resolution} px on an "
+        f"{'SDXL' if run_family(run) == 'sdxl' else 'SD 1.x/2.x'} base"
         + (
-            " (`tiny` is a random test model: this run checks the plumbing, not the faces)."
-            if cfg.model.pretrained == "tiny"
+            f" (`{cfg.model.pretrained}` is a random test model: this run checks the plumbing, "
+            "not the faces)."
+            if cfg.model.pretrained in ("tiny", "tiny-xl")
             else "."
         )
         + "\n",
@@ -196,8 +198,29 @@ def _files_section(run: Path, cfg: Config, multi: bool) -> str:
     return "\n".join(rows)
 
 
+def run_family(run: Path) -> str:
+    """'sdxl' or 'sd': the family the run's saved ControlNet records (its sidecar, else its
+    config); 'sd' before a net is saved."""
+    for name in ("controlnet_emo.json", "config.json"):
+        path = run / "controlnet" / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if "family" in data:
+                return str(data["family"])
+            if "addition_embed_type" in data:
+                return "sdxl" if data["addition_embed_type"] == "text_time" else "sd"
+    return "sd"
+
+
 def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
-    base = cfg.model.pretrained if cfg.model.pretrained != "tiny" else "path/to/base"
+    base = (
+        cfg.model.pretrained if cfg.model.pretrained not in ("tiny", "tiny-xl") else "path/to/base"
+    )
+    xl = run_family(run) == "sdxl"
+    pipeline = "StableDiffusionXLControlNetPipeline" if xl else "StableDiffusionControlNetPipeline"
+    guided = "MapGuidedControlNetXLPipeline" if xl else "MapGuidedControlNetPipeline"
+    # SDXL pipelines have no safety checker; their VAE decodes in fp32 by itself (force_upcast)
+    extra_kw = "" if xl else "safety_checker=None, "
     size = cfg.data.resolution
     names = cfg.conditions
     if multi:
@@ -222,12 +245,12 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
         )
     code = (
         "import torch\n"
-        "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, "
+        f"from diffusers import ControlNetModel, {pipeline}, "
         + ("UNet2DConditionModel, " if cfg.model.unet_trainable not in ("none", "lora") else "")
         + "UniPCMultistepScheduler\n\n"
         f"{load}\n"
-        "pipe = StableDiffusionControlNetPipeline.from_pretrained(\n"
-        f'    "{base}", controlnet=controlnet, safety_checker=None, torch_dtype=torch.float16\n'
+        f"pipe = {pipeline}.from_pretrained(\n"
+        f'    "{base}", controlnet=controlnet, {extra_kw}torch_dtype=torch.float16\n'
         ').to("cuda")\n'
         f"{unet}"
         "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)\n"
@@ -277,14 +300,21 @@ def _usage_section(run: Path, cfg: Config, multi: bool) -> str:
             code.rstrip(),
             "```",
             "",
-            "The original-layout file loads with `ControlNetModel.from_single_file(file, "
-            f'config="{run.name}/controlnet")`.',
+            (
+                "The original-layout file (SDXL's `label_emb` keys for the added embeddings, as "
+                "ComfyUI reads them) loads with `controlnet_emo.export.formats.load_single_file"
+                "(file)`; diffusers' own `ControlNetModel.from_single_file` does not map an SDXL "
+                "ControlNet's `label_emb` yet, so in plain diffusers load the `controlnet/` folder."
+                if xl
+                else "The original-layout file loads with `ControlNetModel.from_single_file("
+                f'file, config="{run.name}/controlnet")`.'
+            ),
             "",
             "This stock pipeline draws what `controlnet-emo infer --no-map-guidance` draws. "
             "`infer` also guides over the maps (its unconditional branch sees zeroed maps), which "
             "makes faces follow their renders more closely: use "
-            "`controlnet_emo.models.pipeline.MapGuidedControlNetPipeline` in place of "
-            "`StableDiffusionControlNetPipeline` for the same images.",
+            f"`controlnet_emo.models.pipeline.{guided}` in place of "
+            f"`{pipeline}` for the same images.",
             "",
             "### ComfyUI / A1111",
             "",

@@ -39,6 +39,8 @@ class ModelInfo:
     conditions: list[str]
     mode: str = "stacked"  # stacked | multi
     base_model: str | None = None
+    family: str = "sd"
+    """The base's family, ``models.sd.FAMILIES`` ('sd' / 'sdxl'), read from its UNet."""
     resolution: int = 512
     steps: int = 0
     unet_trainable: str = "none"
@@ -74,6 +76,7 @@ class ModelInfo:
             "channels": {k: list(v) for k, v in self.channels.items()},
             "mode": self.mode,
             "base_model": self.base_model,
+            "family": self.family,
             "resolution": self.resolution,
             "steps": self.steps,
             "unet_trainable": self.unet_trainable,
@@ -224,6 +227,7 @@ def _apply_sidecar(info: ModelInfo, data: dict[str, Any], where: Path) -> None:
     if info.mode not in ("stacked", "multi"):
         raise ExportError(f"{where / SIDECAR}: mode {info.mode!r} is not stacked or multi")
     info.base_model = data.get("base_model", info.base_model)
+    info.family = data.get("family", info.family)
     info.resolution = int(data.get("resolution", info.resolution))
     info.steps = int(data.get("steps", info.steps) or info.steps)
     info.unet_trainable = data.get("unet_trainable", info.unet_trainable)

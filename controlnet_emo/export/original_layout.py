@@ -38,6 +38,10 @@ _FIXED_TO_ORIGINAL = {
     "controlnet_mid_block": "middle_block_out.0",
     "class_embedding.linear_1": "label_emb.0.0",
     "class_embedding.linear_2": "label_emb.0.2",
+    # SDXL's added text/time embedding: the original UNet's label_emb, as diffusers' SDXL
+    # UNet map (DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]) names it
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 

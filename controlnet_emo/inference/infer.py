@@ -72,7 +72,8 @@ def load_pipeline(
     from diffusers import UNet2DConditionModel
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
+    from controlnet_emo.models.controlnet import controlnet_family
+    from controlnet_emo.models.pipeline import PIPELINES
     from controlnet_emo.models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
 
     sampling = sampling or Sampling()
@@ -86,20 +87,23 @@ def load_pipeline(
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     nets = _load_nets(model, info, dtype)
     controlnet = MultiControlNetModel(nets) if info.mode == "multi" else nets[0]
-    kwargs: dict[str, Any] = dict(
-        controlnet=controlnet,
-        safety_checker=None,
-        requires_safety_checker=False,
-        **dtype_kwargs(dtype),
-    )
+    # the net says its family (SDXL's takes added embeddings), and so which pipeline drives it
+    family = controlnet_family(controlnet)
+    pipeline_cls = PIPELINES[family]
+    kwargs: dict[str, Any] = dict(controlnet=controlnet, **dtype_kwargs(dtype))
+    if family == "sdxl":
+        # its VAE overflows in fp16: diffusers' SDXL pipelines decode in fp32 (force_upcast)
+        kwargs.update(add_watermarker=False)
+    else:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if info.unet is not None:
         kwargs["unet"] = UNet2DConditionModel.from_pretrained(info.unet, **dtype_kwargs(dtype))
     path = resolve_pretrained(base)
     try:
         if path.endswith(SINGLE_FILE_SUFFIXES):
-            pipe = MapGuidedControlNetPipeline.from_single_file(path, **kwargs)
+            pipe = pipeline_cls.from_single_file(path, **kwargs)
         else:
-            pipe = MapGuidedControlNetPipeline.from_pretrained(path, **kwargs)
+            pipe = pipeline_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise InferenceError(
             f"base model {base!r}: cannot be loaded ({_first_line(err)})"

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 CHANNELS_PER_CONDITION = 3
 
 
+def controlnet_family(controlnet: object) -> str:
+    """'sdxl' when a ControlNet (or the first net of a multi) takes SDXL's added embeddings,
+    else 'sd': the net itself says which base family and pipeline drive it."""
+    nets = getattr(controlnet, "nets", [controlnet])
+    config = nets[0].config
+    get = config.get if isinstance(config, dict) else config.__dict__.get
+    return "sdxl" if get("addition_embed_type") == "text_time" else "sd"
+
+
 def hint_encoder_channels(vae_scale_factor: int) -> tuple[int, ...]:
     """SD's hint encoder widths (16, 32, 96, 256) cut to the VAE's downsampling: the encoder
     halves the hint once per width after the first, so its output lands on the latent grid
@@ -103,8 +112,10 @@ def controlnet_residuals(
     timesteps: torch.Tensor,
     text_embeddings: torch.Tensor,
     conditions: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Down-block and mid-block residuals for the UNet; conditions is (B,3N,H,W) in [0,1]."""
+    """Down-block and mid-block residuals for the UNet; conditions is (B,3N,H,W) in [0,1];
+    ``added_cond_kwargs``: SDXL's ``text_embeds`` and ``time_ids`` (None for SD)."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     if isinstance(controlnet, MultiControlNetModel):
@@ -118,9 +129,22 @@ def controlnet_residuals(
         encoder_hidden_states=text_embeddings,
         controlnet_cond=hints,
         conditioning_scale=scales,
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
     return down, mid
+
+
+def added_conditions(
+    pooled: torch.Tensor | None, time_ids: torch.Tensor | None
+) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` for ControlNet and UNet: the pooled text (B,P) and the
+    micro-conditioning (B,6); None for SD, whose text has no pooled part."""
+    if pooled is None:
+        return None
+    if time_ids is None:
+        raise ValueError("an SDXL base needs the batch's time_ids (original size, crop, target)")
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device)}
 
 
 def controlled_prediction(
@@ -131,17 +155,23 @@ def controlled_prediction(
     text_embeddings: torch.Tensor,
     conditions: torch.Tensor,
     dtype: torch.dtype,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The UNet's fp32 prediction (noise or velocity) with the ControlNet's residuals added:
-    what training scores and what the map-reliance probe compares across map sets."""
+    what training scores and what the map-reliance probe compares across map sets.
+    ``added_cond_kwargs`` (SDXL, ``added_conditions``) goes to both nets."""
     noisy = noisy_latents.to(dtype)
+    added = None
+    if added_cond_kwargs is not None:  # time_ids stay fp32: bf16 cannot hold 1023 exactly
+        added = dict(added_cond_kwargs, text_embeds=added_cond_kwargs["text_embeds"].to(dtype))
     down, mid = controlnet_residuals(
-        controlnet, noisy, timesteps, text_embeddings, conditions.to(dtype)
+        controlnet, noisy, timesteps, text_embeddings, conditions.to(dtype), added
     )
     return unet(
         noisy,
         timesteps,
         encoder_hidden_states=text_embeddings,
+        added_cond_kwargs=added,
         down_block_additional_residuals=[r.to(dtype) for r in down],
         mid_block_additional_residual=mid.to(dtype),
         return_dict=False,

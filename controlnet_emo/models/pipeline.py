@@ -20,12 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionControlNetPipeline
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
 
-class MapGuidedControlNetPipeline(StableDiffusionControlNetPipeline):
-    """``StableDiffusionControlNetPipeline`` whose unconditional branch gets zeroed maps.
+class MapGuidance:
+    """The one override: ``prepare_image`` zeroes the unconditional half of the maps.
 
+    Mixed into both families' ControlNet pipelines (SD and SDXL), whose ``prepare_image`` share
+    a signature and whose classifier-free guidance batches [unconditional, conditional].
     ``map_guidance`` is a plain attribute (default on), like the scheduler a pipeline is
     loaded with; set it to False for stock diffusers' behaviour.
     """
@@ -51,3 +53,15 @@ class MapGuidedControlNetPipeline(StableDiffusionControlNetPipeline):
             uncond, cond = image.chunk(2)
             image = torch.cat([torch.zeros_like(uncond), cond])
         return image
+
+
+class MapGuidedControlNetPipeline(MapGuidance, StableDiffusionControlNetPipeline):
+    """``StableDiffusionControlNetPipeline`` whose unconditional branch gets zeroed maps."""
+
+
+class MapGuidedControlNetXLPipeline(MapGuidance, StableDiffusionXLControlNetPipeline):
+    """``StableDiffusionXLControlNetPipeline`` whose unconditional branch gets zeroed maps."""
+
+
+PIPELINES = {"sd": MapGuidedControlNetPipeline, "sdxl": MapGuidedControlNetXLPipeline}
+"""The map-guided pipeline of each base family (``models.sd.FAMILIES``)."""

@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion, built in code, for the demo and the tests.
+"""Tiny random Stable Diffusion (SD 1.x and SDXL), built in code, for the demo and the tests.
 
 It is saved as an ordinary diffusers pipeline folder and loaded back through the same
 ``load_sd`` path as a hub id, so tests exercise the real loading code. The VAE keeps SD's
@@ -135,6 +135,102 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     text_encoder.config.eos_token_id = tokenizer.eos_token_id
     text_encoder.config.pad_token_id = tokenizer.pad_token_id
     pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, sd_training_scheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder
+
+
+def sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler):
+    """A StableDiffusionXLPipeline of parts built in code (no watermarker, as SDXL folders
+    saved for training ship)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SDXL pipeline folder: SDXL's topology (two text encoders, the
+    second with a projection; ``text_time`` added embeddings; no attention in the first down
+    block; linear attention projections; 0.13025 VAE scaling), at test size.
+
+    Why its own model: the SD 1.5 tiny cannot exercise SDXL's added conditions, its two
+    tokenizers or the ``label_emb`` keys of an SDXL ControlNet's single file.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    hidden, pooled, time_dim = 32, 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * hidden,  # both encoders' states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled,  # time ids + text_embeds
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=128,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    tok_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    # SDXL's second tokenizer (OpenCLIP's) pads with "!" rather than the end token
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token="!")
+    encoders = []
+    for cls in (CLIPTextModel, CLIPTextModelWithProjection):
+        enc = cls(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=64,
+                num_hidden_layers=3,  # the penultimate layer is what SDXL reads
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=pooled,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        encoders.append(enc)
+    pipe = sdxl_pipeline(vae, *encoders, tokenizer, tokenizer_2, unet, sd_training_scheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
     for f in tok_dir.iterdir():
         f.unlink()

@@ -32,7 +32,7 @@ from controlnet_emo.data.dataset import (
 )
 from controlnet_emo.models.controlnet import build_controlnet
 from controlnet_emo.models.fast_paths import use_fast_paths
-from controlnet_emo.models.sd import load_sd, vae_scale_factor
+from controlnet_emo.models.sd import load_sd, vae_dtype, vae_scale_factor
 from controlnet_emo.models.text_cache import TextEmbeddingCache
 from controlnet_emo.models.unet_tuning import configure_unet, save_unet
 from controlnet_emo.training import checkpointing
@@ -268,7 +268,8 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
     unet_params = configure_unet(sd.unet, cfg.model.unet_trainable, cfg.model.lora_rank)
     unet_trains = bool(unet_params)
     sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
+    for encoder in sd.text_encoders:
+        encoder.requires_grad_(False)
     controlnet.train()
     if cfg.train.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -277,8 +278,9 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         sd.unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
     device = accelerator.device
-    move(sd.vae, device, weight_dtype)
-    move(sd.text_encoder, device, weight_dtype)
+    move(sd.vae, device, vae_dtype(sd, weight_dtype))  # SDXL's VAE: never fp16
+    for encoder in sd.text_encoders:
+        move(encoder, device, weight_dtype)
     move(sd.unet, device, torch.float32 if unet_trains else weight_dtype)
     controlnet.to(device)
     channels_last = use_fast_paths(
@@ -302,7 +304,7 @@ def build_models(cfg: Config, accelerator: Accelerator) -> tuple[TrainModels, li
         controlnet=controlnet,
         pixel_losses=pixel,
         weight_dtype=weight_dtype,
-        text_cache=TextEmbeddingCache(sd.text_encoder, weight_dtype)
+        text_cache=TextEmbeddingCache(sd.text_encoders, weight_dtype)
         if cfg.data.cache_text
         else None,
     )
@@ -353,7 +355,7 @@ def make_loader(
     dataset = dataset_from_config(
         cfg,
         records,
-        models.sd.tokenizer,
+        models.sd.tokenizers,
         train=True,
         latent_moments=moments,
         load_target=moments is None or cfg.loss.needs_decoder,  # else nothing reads it
@@ -392,9 +394,9 @@ def cached_latents(
 
     folder = Path(cfg.output_dir) / "latent_cache"
     path = cache_path(folder, cfg.data.train_split, cfg.data.resolution, cfg.data.hflip)
-    plain = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
+    plain = dataset_from_config(cfg, records, models.sd.tokenizers, train=False)
     m = cfg.model
-    vae = f"{m.pretrained}@{m.revision}/{m.variant}/{models.weight_dtype}"
+    vae = f"{m.pretrained}@{m.revision}/{m.variant}/{vae_dtype(models.sd, models.weight_dtype)}"
     key = cache_key(vae, Path(cfg.data.root), [r.file_name for r in records])
 
     def build() -> torch.Tensor:
@@ -403,7 +405,7 @@ def cached_latents(
             models.sd.vae,
             cfg.train.batch_size,
             accelerator.device,
-            models.weight_dtype,
+            vae_dtype(models.sd, models.weight_dtype),
             accelerator.is_main_process,
             mirrored=cfg.data.hflip,
         )
@@ -417,7 +419,7 @@ def cached_latents(
 def validation_data(cfg: Config, models: TrainModels) -> tuple[list, list[str]]:
     """Fixed validation batches (val split, else the first train samples) and their prompts."""
     records = held_out_records(cfg)[: cfg.train.validation_samples]
-    dataset = dataset_from_config(cfg, records, models.sd.tokenizer, train=False)
+    dataset = dataset_from_config(cfg, records, models.sd.tokenizers, train=False)
     batches = [
         collate([dataset[i] for i in range(j, min(j + cfg.train.batch_size, len(dataset)))])
         for j in range(0, len(dataset), cfg.train.batch_size)

@@ -13,9 +13,9 @@ import torch
 
 from controlnet_emo.config import Config
 from controlnet_emo.data.batch import Batch
-from controlnet_emo.models.controlnet import controlled_prediction
-from controlnet_emo.models.sd import SDComponents
-from controlnet_emo.models.text_cache import TextEmbeddingCache, encode_captions
+from controlnet_emo.models.controlnet import added_conditions, controlled_prediction
+from controlnet_emo.models.sd import SDComponents, vae_dtype
+from controlnet_emo.models.text_cache import TextConditioning, TextEmbeddingCache, encode_captions
 from controlnet_emo.training.losses import diffusion_loss, diffusion_target, gradient_balance
 
 if TYPE_CHECKING:
@@ -32,11 +32,12 @@ class TrainModels:
     text_cache: TextEmbeddingCache | None = None
     """Hidden states of captions already seen (``data.cache_text``); None encodes every time."""
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B,77) ids -> (B,77,D) frozen text-encoder states, from the cache when there is one."""
+    def encode_text(self, input_ids: torch.Tensor) -> TextConditioning:
+        """ids -> frozen text-encoder states (B,77,D) (+ SDXL's pooled), from the cache when
+        there is one."""
         if self.text_cache is not None:
             return self.text_cache(input_ids)
-        return encode_captions(self.sd.text_encoder, input_ids, self.weight_dtype)
+        return encode_captions(self.sd.text_encoders, input_ids, self.weight_dtype)
 
 
 def host_random(draw, device: torch.device) -> torch.Tensor:
@@ -59,12 +60,13 @@ def sample_timesteps(n: int, t_max: int, how: str, generator: torch.Generator) -
 def encode_latents(
     sd: SDComponents, batch: Batch, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Scaled SD latents (B,4,H/8,W/8) with the VAE's own constants; cached moments if any."""
+    """Scaled SD latents (B,4,H/8,W/8) with the VAE's own constants; cached moments if any.
+    The VAE runs in its own dtype (``vae_dtype``: never SDXL's in fp16)."""
     if batch.latent_moments is not None:
         mean, std = batch.latent_moments.chunk(2, dim=1)
     else:
         with torch.no_grad():
-            dist = sd.vae.encode(batch.pixel_values.to(dtype)).latent_dist
+            dist = sd.vae.encode(batch.pixel_values.to(vae_dtype(sd, dtype))).latent_dist
         mean, std = dist.mean, dist.std
     # The posterior sample as DiagonalGaussianDistribution.sample draws it (fp32 noise).
     eps = host_random(lambda: torch.randn(mean.shape, generator=generator), mean.device)
@@ -78,19 +80,20 @@ def compute_losses(
     batch: Batch,
     cfg: Config,
     generator: torch.Generator,
-    text: torch.Tensor | None = None,
+    text: TextConditioning | None = None,
     step: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted total loss and every enabled term (unweighted) for one micro-batch.
 
-    ``text``: the batch's (B,77,D) text states when the caller already has them (the loop
+    ``text``: the batch's text states when the caller already has them (the loop
     reads the cache with host ids, before the batch moves); else they are computed here.
     ``step``: the optimizer step, which holds the pixel terms back before
     ``loss.pixel.start_step``; None (validation) computes every term.
     """
     sd, device, dtype = m.sd, batch.conditions.device, m.weight_dtype
     latents = encode_latents(sd, batch, generator, dtype)  # (B,4,h,w)
-    text = m.encode_text(batch.input_ids) if text is None else text  # (B,77,D)
+    text = m.encode_text(batch.input_ids) if text is None else text  # (B,77,D) (+ pooled)
+    added = added_conditions(text.pooled, batch.time_ids)  # SDXL's; None for SD
     noise = host_random(lambda: torch.randn(latents.shape, generator=generator), device)
     t_max = sd.scheduler.config.num_train_timesteps
     timesteps = host_random(
@@ -100,7 +103,7 @@ def compute_losses(
     noisy = sd.scheduler.add_noise(latents, noise, timesteps)
 
     model_pred = controlled_prediction(
-        sd.unet, m.controlnet, noisy, timesteps, text, batch.conditions, dtype
+        sd.unet, m.controlnet, noisy, timesteps, text.hidden, batch.conditions, dtype, added
     )
 
     weights = cfg.loss.weights()

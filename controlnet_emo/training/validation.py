@@ -17,7 +17,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from controlnet_emo.config import Config
 from controlnet_emo.data.batch import Batch
-from controlnet_emo.models.pipeline import MapGuidedControlNetPipeline
+from controlnet_emo.models.pipeline import PIPELINES, MapGuidance
 from controlnet_emo.models.sampling import Sampling, sample
 from controlnet_emo.pictures import Panel, labelled_grid, save_sheet
 from controlnet_emo.training.step import TrainModels, compute_losses
@@ -39,19 +39,25 @@ def validation_loss(
 
 def build_pipeline(
     m: TrainModels, controlnet: torch.nn.Module, map_guidance: bool = True
-) -> MapGuidedControlNetPipeline:
+) -> MapGuidance:
     """The pipeline infer loads, over the in-memory models (nothing is copied or reloaded)."""
-    pipe = MapGuidedControlNetPipeline(
-        vae=m.sd.vae,
-        text_encoder=m.sd.text_encoder,
-        tokenizer=m.sd.tokenizer,
-        unet=m.sd.unet,
+    sd = m.sd
+    parts: dict = dict(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=sd.unet,
         controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(m.sd.scheduler.config),
-        safety_checker=None,
+        scheduler=UniPCMultistepScheduler.from_config(sd.scheduler.config),
         feature_extractor=None,
-        requires_safety_checker=False,
     )
+    if sd.family == "sdxl":
+        parts.update(
+            text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2, add_watermarker=False
+        )
+    else:
+        parts.update(safety_checker=None, requires_safety_checker=False)
+    pipe = PIPELINES[sd.family](**parts)
     pipe.map_guidance = map_guidance
     pipe.set_progress_bar_config(disable=True)
     return pipe

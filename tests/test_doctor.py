@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from controlnet_emo import doctor
+from controlnet_emo.cli import doctor
 from controlnet_emo.cli.main import main
 from controlnet_emo.config import load_config
 from controlnet_emo.models.shipped import shipped_path

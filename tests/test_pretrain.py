@@ -117,3 +117,32 @@ def test_augment_keeps_range_and_changes_the_image():
     y = augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     assert (y - x).abs().mean() > 1e-3
+
+
+def test_decoder_stage_sharpens_only_the_decoder_of_a_pretrained_base(tmp_path, capsys):
+    """`init_from` + only the decoder stage: the encoder, its latents' scale and the UNet stay
+    as they were (so the UNet still reads its latents), and only the decoder moves."""
+    small = ["--set", "n_train=32", "--set", "unet.warmup_steps=1", *FEW_STEPS]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["pretrain-base", "--set", f"output_dir={first}", "--set", "vae.steps=2",
+                 "--set", "vae.batch_size=4", "--set", "unet.steps=2",
+                 "--set", "unet.batch_size=4", *small]) == 0  # fmt: skip
+    assert main(["pretrain-base", "--set", f"output_dir={second}",
+                 "--set", f"init_from={first / 'model'}", "--set", "vae.steps=0",
+                 "--set", "unet.steps=0", "--set", "decoder.steps=3",
+                 "--set", "decoder.batch_size=4", *small]) == 0  # fmt: skip
+    capsys.readouterr()
+    a, b = load_sd(str(first / "model")), load_sd(str(second / "model"))
+    for name in ("encoder", "quant_conv"):
+        for (k, x), y in zip(getattr(a.vae, name).state_dict().items(), getattr(b.vae, name).state_dict().values(), strict=True):  # fmt: skip
+            assert torch.equal(x, y), f"vae.{name}.{k} changed"
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values(), strict=True))  # fmt: skip
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
+    moved = [not torch.equal(x, y) for x, y in zip(a.vae.decoder.state_dict().values(), b.vae.decoder.state_dict().values(), strict=True)]  # fmt: skip
+    assert sum(moved) > len(moved) // 2
+    report = json.loads((second / "model" / "pretrain_report.json").read_text())
+    assert report["decoder"]["held_out_sharpness"] > 0 and "vae" not in report
+    assert report["init_from"]["report"]["vae"]["held_out_psnr_db"] > 0
+    # without init_from, a stage cannot be skipped: a random base needs both
+    assert main(["pretrain-base", "--set", "vae.steps=0"]) == 2
+    assert "vae.steps: must be >= 1" in capsys.readouterr().err

@@ -65,10 +65,17 @@ def ssim_matrix(generated: Tensor, targets: Tensor, regions: Tensor) -> Tensor:
     return out
 
 
+def laplacian(x: Tensor) -> Tensor:
+    """(B,C,H,W) -> the per-channel 4-neighbour Laplacian, same shape (zero-padded)."""
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype)
+    c = x.shape[1]
+    return F.conv2d(x, k.to(x.device).view(1, 1, 3, 3).repeat(c, 1, 1, 1), padding=1, groups=c)
+
+
 def laplacian_energy(images: Tensor, regions: Tensor) -> Tensor:
-    """(B,1,S,S) grey -> (B,) mean squared Laplacian response inside each region."""
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-    lap = F.conv2d(images, kernel, padding=1)
+    """(B,1,S,S) grey -> (B,) mean squared Laplacian response inside each region (its border
+    pixels left out, where the zero padding would invent an edge)."""
+    lap = laplacian(images)
     inner = regions.clone()
     inner[..., 0, :] = inner[..., -1, :] = inner[..., :, 0] = inner[..., :, -1] = False
     return (lap.square() * inner).sum(dim=(1, 2, 3)) / inner.float().sum(dim=(1, 2, 3)).clamp(min=1)

@@ -27,7 +27,10 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from controlnet_emo.atomic import set_usual_modes
 from controlnet_emo.config import ConfigError, load_typed
+from controlnet_emo.evaluation.structure import laplacian, laplacian_energy, to_grey
+from controlnet_emo.models.sd import resolve_pretrained
 from controlnet_emo.models.tiny import sd_pipeline, sd_training_scheduler, write_tiny_tokenizer
 from controlnet_emo.pretrain.faces import FaceSet, caption_words, render_faces
 from controlnet_emo.training.losses import diffusion_loss
@@ -73,6 +76,19 @@ class UnetStage:
 
 
 @dataclass
+class DecoderStage:
+    steps: int = 0
+    """Fine-tune the VAE decoder alone, the encoder frozen: the latents (and the UNet trained on
+    them) stay valid, and the same latents decode to a sharper face. The first VAE stage's
+    L1 reconstruction is satisfied by blur (its decodes keep 0.15 of the faces' Laplacian
+    energy; BENCHMARKS.md, "Shipped demo base")."""
+    batch_size: int = 32
+    learning_rate: float = 5.0e-4
+    laplacian_weight: float = 0.5
+    """An L1 on the images' Laplacians beside the pixel L1: it asks for the edges."""
+
+
+@dataclass
 class PretrainBaseConfig:
     version: int = 1
     output_dir: str = "runs/base"
@@ -82,7 +98,11 @@ class PretrainBaseConfig:
     n_held_out: int = 256
     model: BaseShape = field(default_factory=BaseShape)
     vae: VaeStage = field(default_factory=VaeStage)
+    decoder: DecoderStage = field(default_factory=DecoderStage)
     unet: UnetStage = field(default_factory=UnetStage)
+    init_from: str | None = None
+    """Start from a pretrained base (a folder or a shipped name such as demo-face-base) instead
+    of random weights; a stage with 0 steps is then skipped, so one stage can be run again."""
 
 
 def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainBaseConfig:
@@ -93,10 +113,15 @@ def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainB
     head = cfg.model.unet_head_channels
     if head < 1 or any(c % head for c in cfg.model.unet_channels):
         raise ConfigError("model.unet_channels must divide by model.unet_head_channels (>= 1)")
-    for key in ("vae.steps", "vae.batch_size", "unet.steps", "unet.batch_size"):
+    for key in ("vae.batch_size", "unet.batch_size", "decoder.batch_size", "decoder.steps"):
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}: must be >= 1")
+        if getattr(getattr(cfg, section), name) < (0 if name == "steps" else 1):
+            raise ConfigError(f"{key}: must be >= {0 if name == 'steps' else 1}")
+    least = 0 if cfg.init_from else 1  # a random base needs both stages
+    for key in ("vae.steps", "unet.steps"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < least:
+            raise ConfigError(f"{key}: must be >= {least}" + ("" if least else " (with init_from)"))
     return cfg
 
 
@@ -154,6 +179,22 @@ def build_base(shape: BaseShape, tokenizer_dir: Path, seed: int):
     return vae, unet, text_encoder, tokenizer, sd_training_scheduler()
 
 
+def load_base(spec: str):
+    """A pretrained base's parts in fp32, trainable: a folder or a shipped name."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(resolve_pretrained(spec))
+    kw = {"torch_dtype": torch.float32}
+    return (
+        AutoencoderKL.from_pretrained(folder / "vae", **kw),
+        UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
+        CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
+        CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
+        DDPMScheduler.from_pretrained(folder / "scheduler"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the autoencoder
 
@@ -180,7 +221,53 @@ def train_vae(vae, faces: FaceSet, held: FaceSet, stage: VaeStage, seed: int) ->
         sched.step()
         losses.append(loss.item())
     vae.eval()
-    return {"final_loss": float(np.mean(losses[-50:])), "held_out_psnr_db": vae_psnr(vae, held)}
+    return {"final_loss": float(np.mean(losses[-50:]))} | vae_figures(vae, held)
+
+
+def train_decoder(vae, faces: FaceSet, held: FaceSet, stage: DecoderStage, seed: int) -> dict:
+    """Decoder-only fine-tuning on posterior samples of the frozen encoder (what the UNet's
+    latents are): pixel L1 + ``laplacian_weight`` x L1 of the Laplacians; returns figures."""
+    g = torch.Generator().manual_seed(seed + 7)
+    frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, stage.learning_rate, total_steps=stage.steps, pct_start=0.05
+    )
+    vae.train()
+    losses = []
+    for _ in tqdm(range(stage.steps), desc="sharpen decoder", unit="step"):
+        idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
+        x = faces.float_images(idx) * 2 - 1  # (B,3,R,R) in [-1,1]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + stage.laplacian_weight * F.l1_loss(
+            laplacian(recon), laplacian(x)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    for p in frozen:
+        p.requires_grad_(True)
+    vae.eval()
+    return {"final_loss": float(np.mean(losses[-50:]))} | vae_figures(vae, held)
+
+
+@torch.no_grad()
+def vae_figures(vae, held: FaceSet) -> dict:
+    """Held-out PSNR and sharpness: the reconstructions' mean Laplacian energy over the
+    faces' (1.0 = as sharp as the faces)."""
+    x = held.float_images(torch.arange(len(held)))  # (N,3,R,R) in [0,1]
+    recon = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    whole = torch.ones(len(held), 1, x.shape[-2], x.shape[-1], dtype=torch.bool)
+    sharp = [float(laplacian_energy(to_grey(img, x.shape[-1]), whole).mean()) for img in (recon, x)]
+    return {"held_out_psnr_db": vae_psnr(vae, held), "held_out_sharpness": sharp[0] / sharp[1]}
 
 
 @torch.no_grad()
@@ -275,8 +362,9 @@ def held_out_diffusion_loss(unet, text_encoder, tokenizer, scheduler, moments, f
 
 
 def pretrain_base(cfg: PretrainBaseConfig) -> Path:
-    """Both stages, then ``OUT/model/`` (fp16 diffusers pipeline + pretrain_report.json) and
-    ``OUT/samples.png`` (held-out prompts: real faces over generated ones)."""
+    """The stages (autoencoder, decoder sharpening, UNet; each skipped at 0 steps), then
+    ``OUT/model/`` (fp16 diffusers pipeline + pretrain_report.json) and ``OUT/samples.png``
+    (held-out prompts: real faces over generated ones)."""
     out = Path(cfg.output_dir)
     model_dir = out / "model"
     out.mkdir(parents=True, exist_ok=True)
@@ -285,26 +373,39 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     res = cfg.model.resolution
     faces = render_faces(cfg.n_train, res, cfg.seed, "render training faces")
     held = render_faces(cfg.n_held_out, res, cfg.seed + 1, "render held-out faces")
-    vae, unet, text_encoder, tokenizer, scheduler = build_base(
-        cfg.model, out / "tokenizer", cfg.seed
-    )
+    if cfg.init_from:
+        vae, unet, text_encoder, tokenizer, scheduler = load_base(cfg.init_from)
+    else:
+        vae, unet, text_encoder, tokenizer, scheduler = build_base(
+            cfg.model, out / "tokenizer", cfg.seed
+        )
     timings = {"render_s": time.perf_counter() - t0}
+    report: dict = {}
+    if cfg.init_from:  # what the starting point was, with its own report
+        earlier = Path(resolve_pretrained(cfg.init_from)) / "pretrain_report.json"
+        report["init_from"] = {"spec": cfg.init_from}
+        if earlier.is_file():
+            report["init_from"]["report"] = json.loads(earlier.read_text())
 
     t = time.perf_counter()
-    report = {"vae": train_vae(vae, faces, held, cfg.vae, cfg.seed)}
+    if cfg.vae.steps:
+        report["vae"] = train_vae(vae, faces, held, cfg.vae, cfg.seed)
+        # SD's convention: latents scaled to unit variance (SD 1.x's 0.18215 was found so).
+        mean = encode_moments(vae, faces).chunk(2, dim=1)[0]
+        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    if cfg.decoder.steps:  # the encoder, the latents and their scale stay as they are
+        report["decoder"] = train_decoder(vae, faces, held, cfg.decoder, cfg.seed)
     timings["vae_s"] = time.perf_counter() - t
-    moments = encode_moments(vae, faces)
-    # SD's convention: scale latents to unit variance (SD 1.x's 0.18215 was found the same way).
-    scaling = float(1.0 / moments.chunk(2, dim=1)[0].std())
-    vae.register_to_config(scaling_factor=scaling)
-    moments = moments * scaling  # mean and std of the *scaled* latents, as the UNet sees them
+    scaling = float(vae.config.scaling_factor)
 
     t = time.perf_counter()
-    report["unet"] = train_unet(
-        unet, text_encoder, tokenizer, scheduler, moments, faces, cfg.unet, cfg.seed
-    )
+    if cfg.unet.steps:
+        moments = encode_moments(vae, faces) * scaling  # of the scaled latents, as the UNet sees
+        report["unet"] = train_unet(
+            unet, text_encoder, tokenizer, scheduler, moments, faces, cfg.unet, cfg.seed
+        )
     timings["unet_s"] = time.perf_counter() - t
-    report["unet"]["held_out_eps_mse"] = held_out_diffusion_loss(
+    report.setdefault("unet", {})["held_out_eps_mse"] = held_out_diffusion_loss(
         unet, text_encoder, tokenizer, scheduler, encode_moments(vae, held) * scaling, held
     )
 
@@ -324,7 +425,9 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
     }
     pipe.to(torch.float16).save_pretrained(model_dir, safe_serialization=True)
     (model_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    log.info("pretrained base written to %s: %s", model_dir, json.dumps(report["vae"]))
+    set_usual_modes(model_dir)
+    figures = {k: report[k] for k in ("vae", "decoder", "unet") if k in report}
+    log.info("pretrained base written to %s: %s", model_dir, json.dumps(figures))
     return model_dir
 
 

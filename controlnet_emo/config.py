@@ -215,10 +215,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
     """Recompute activations in backward: the UNet's and ControlNet's blocks, and the pixel
-    path's decoder and critics sample by sample. Off for small models, where memory is cheap."""
+    path's decoder blocks and critics (across the batch, or ``loss.pixel.chunk_size``). Off for
+    small models, where memory is cheap."""
     compile: bool = False
-    """torch.compile the UNet and ControlNet (static shapes): faster steps after a compile of
-    a minute or more at start; worth it for long GPU runs."""
+    """torch.compile the UNet and ControlNet, and the pixel path's decoder, LPIPS and critic
+    (static shapes): faster steps after a compile of a minute or more at start; worth it for
+    long GPU runs."""
     channels_last: bool = True
     """UNet, VAE, ControlNet and critics in channels_last on CPU and CUDA, oneDNN's and
     cuDNN's fastest conv kernels (the demo's CPU steps 1.12-1.4x; BENCHMARKS.md, "Training

@@ -120,7 +120,9 @@ class PixelSelectConfig:
     max_timestep: int = 1000
     """Only samples with t < max_timestep pay the decoder (low-noise steps carry the signal)."""
     samples_per_batch: int | None = None
-    """Fixed count of decoded samples per micro-batch (static shapes); null = every sample."""
+    """At most this many samples per micro-batch pay the decoder (null: every eligible one);
+    only they are decoded, except under train.compile, which always decodes this many (or
+    whole chunks) and masks the shortfall out: static shapes, no recompiles."""
     start_step: int = 0
     """Pixel and emotion terms join after this many optimizer steps: before, the diffusion term
     alone teaches the ControlNet to use its maps, which the critic's gradient otherwise

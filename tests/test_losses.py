@@ -480,6 +480,8 @@ def test_layouts_change_no_value(tiny_sd):
 
 
 def _compiled_matches_eager(sd, backend: str) -> None:
+    """Values and gradients of the compiled pixel path against eager; the gradient is taken
+    twice, the first time retaining the graph, as ``gradient_balance`` does."""
     torch.manual_seed(0)
     losses = PixelLosses(_cfg(**ALL_TERMS, loss__pixel__max_timestep=800), sd.vae)
     batch = _batch(sd, b=3)
@@ -488,12 +490,16 @@ def _compiled_matches_eager(sd, backend: str) -> None:
         losses.set_compiled(compiled, backend=backend)
         pred = (batch["model_pred"] + 0.1).requires_grad_(True)
         terms = losses(**{**batch, "model_pred": pred})
-        sum(terms.values()).backward()
+        total = sum(terms.values())
+        (first,) = torch.autograd.grad(total, pred, retain_graph=True)
+        total.backward()
+        assert torch.equal(pred.grad, first)
         grads.append(pred.grad)
         values.append({k: v.item() for k, v in terms.items()})
     assert set(losses.compiled) == {"decoder", "lpips", "emonet"}
     assert values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-6)
-    assert torch.allclose(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+    error = (grads[1] - grads[0]).norm() / grads[0].norm()
+    assert error < 1e-3, float(error)  # inductor fuses and reorders sums
 
 
 def test_compiled_pixel_path_traces_and_matches_eager(tiny_sd):

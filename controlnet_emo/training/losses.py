@@ -164,8 +164,9 @@ def soft_landmarks(heatmap: torch.Tensor) -> torch.Tensor:
     return weight @ grid  # (B,K,2)
 
 
-def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
-    """``module(*inputs)`` in the module's own dtype, outside any autocast.
+def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor, run: Callable | None = None):
+    """``module(*inputs)`` in the module's own dtype, outside any autocast; ``run``: what to
+    call instead of ``module`` (its compiled form).
 
     Why: a frozen critic cast to bf16 / fp16 must run in that dtype end to end. Under autocast
     some ops return fp32 (nearest upsampling in EmoNet's hourglass), and the next BatchNorm,
@@ -173,7 +174,7 @@ def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
     """
     dtype = next(module.parameters()).dtype
     with torch.autocast(inputs[0].device.type, enabled=False):
-        return module(*(x.to(dtype) for x in inputs))
+        return (run or module)(*(x.to(dtype) for x in inputs))
 
 
 def decoder_features(
@@ -218,6 +219,19 @@ def feature_distance(
 
 
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def _without_donated_buffers(compiled: Callable) -> Callable:
+    """``compiled`` built and run without AOTAutograd's donated buffers: their backward
+    refuses ``retain_graph=True``, which ``gradient_balance`` (``loss.pixel.balance``) needs
+    to differentiate the terms before the step's own backward."""
+    import torch._functorch.config as functorch_config
+
+    def run(*args):
+        with functorch_config.patch(donated_buffer=False):
+            return compiled(*args)
+
+    return run
 
 
 class PixelLosses(torch.nn.Module):
@@ -308,15 +322,14 @@ class PixelLosses(torch.nn.Module):
         self.compiled: dict[str, Callable] = {}
         if not on:
             return
-        for name in ("decoder", "lpips", "emonet"):
-            if getattr(self, name) is not None:
-                self.compiled[name] = torch.compile(
-                    getattr(self, name), dynamic=False, backend=backend
-                )
+        parts = {n: getattr(self, n) for n in ("decoder", "lpips", "emonet")}
         if self.latent_lpips:
-            self.compiled["features"] = torch.compile(
-                decoder_features, dynamic=False, backend=backend
-            )
+            parts["features"] = decoder_features
+        for name, part in parts.items():
+            if part is not None:
+                self.compiled[name] = _without_donated_buffers(
+                    torch.compile(part, dynamic=False, backend=backend)
+                )
 
     def _call(self, name: str) -> Callable:
         """The named part, compiled when ``set_compiled`` is on."""
@@ -485,13 +498,15 @@ class PixelLosses(torch.nn.Module):
 
     def _lpips(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         image, reference = self._layout(image, "critics"), self._layout(reference, "critics")
-        return frozen_forward(self._call("lpips"), image, reference).flatten().float()  # (m,)
+        return (
+            frozen_forward(self.lpips, image, reference, run=self._call("lpips")).flatten().float()
+        )  # (m,)
 
     def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,),
         soft landmarks (m,68,2))."""
         x = self._layout(to_emonet_input(image), "critics")
-        pred = frozen_forward(self._call("emonet"), x)
+        pred = frozen_forward(self.emonet, x, run=self._call("emonet"))
         return (
             pred["expression"].float(),
             pred["valence"].float(),
@@ -528,9 +543,8 @@ class PixelLosses(torch.nn.Module):
         )
         if not asks_teacher:
             return valence, arousal, onehot, None
-        teacher = frozen_forward(
-            self._call("emonet"), self._layout(to_emonet_input(reference), "critics")
-        )
+        x = self._layout(to_emonet_input(reference), "critics")
+        teacher = frozen_forward(self.emonet, x, run=self._call("emonet"))
         return (
             torch.where(valence.isnan(), teacher["valence"].float(), valence),
             torch.where(arousal.isnan(), teacher["arousal"].float(), arousal),

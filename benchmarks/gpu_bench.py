@@ -17,7 +17,7 @@ The research recipe's speed levers (issue 32) are variants of it (``train_step.p
 ``research_per_sample`` (the pixel path before: sample by sample), ``research_chunkN``,
 ``research_nchw`` / ``research_nchw_decoder`` (layouts), ``research_norm_fp32`` (GroupNorm as
 autocast runs it), ``research_latent_lpips``; they are timed at ``--batch`` only (the
-``--largest-variants`` also at the largest batch that fits). Compiled modes: ``compiled``
+``--largest-variants`` also at the largest batch that fits, eager). Compiled modes: ``compiled``
 (UNet, ControlNet and the pixel path, as ``train.compile``) and ``compiled_pixel`` (the pixel
 path alone, UNet and ControlNet eager); a compiled row's ``compile_s`` is its first step's
 time over a warm one's.
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                     ops = profile_step(bench, v, batch)
                     result["profile"] = dict(variant=v.name, batch=batch, ops=ops)
                     continue
-                sizes = {"batch": batch}
-                if v.name in largest_names:
+                sizes = {"batch": batch}  # compiled: one compile per shape, batch only
+                if v.name in largest_names and mode == "eager":
                     if v.name not in largest:  # searched eagerly; compiled runs re-trace
                         largest[v.name] = largest_batch(bench, v, batch, cap)
                     sizes["largest"] = largest[v.name]

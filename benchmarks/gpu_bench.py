@@ -13,12 +13,22 @@ FLOPs of FACTS.md (not a profiler's count):
     fast         2.3 + the decoded share x (TAESD 3 x 0.141 + LPIPS-alex 3 x 0.007
                  + EmoNet 3 x 0.034) TFLOP
 
+The research recipe's speed levers (issue 32) are variants of it (``train_step.py``):
+``research_per_sample`` (the pixel path before: sample by sample), ``research_chunkN``,
+``research_nchw`` / ``research_nchw_decoder`` (layouts), ``research_norm_fp32`` (GroupNorm as
+autocast runs it), ``research_latent_lpips``; they are timed at ``--batch`` only (the
+``--largest-variants`` also at the largest batch that fits, eager). Compiled modes: ``compiled``
+(UNet, ControlNet and the pixel path, as ``train.compile``) and ``compiled_pixel`` (the pixel
+path alone, UNet and ControlNet eager); a compiled row's ``compile_s`` is its first step's
+time over a warm one's.
+
 A time budget (``--budget-s``) skips what would not finish, and says so in the JSON.
 ``--dry-run`` runs the same code on the CPU with the tiny model at 64 px in fp32 (batch 2,
 the largest-batch search capped at 4, 2 timed steps, compile with the ``eager`` backend:
-dynamo's tracing without code generation). The ``fast`` variant decodes its recipe's fixed
-count per micro-batch (capped by the batch), at every batch size. ``--profile VARIANT``
-adds the ops with the most device time in one of its micro-steps (``profile`` in the JSON).
+dynamo's tracing without code generation, the shipped small face critic for EmoNet). The
+``fast`` variant decodes its recipe's fixed count per micro-batch (capped by the batch), at
+every batch size. ``--profile VARIANT`` adds the ops with the most device time in one of its
+micro-steps (``profile`` in the JSON).
 """
 
 from __future__ import annotations
@@ -42,12 +52,17 @@ FAST_DECODED_TFLOP = 3 * (0.141 + 0.007 + 0.034)
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A100": 312.0}  # dense bf16 (FACTS.md, H100)
 
 
-def tflop_per_sample(variant: Variant) -> float:
-    """Counted training FLOPs of one sample at 512 px (FACTS.md)."""
+def tflop_per_sample(variant: Variant) -> float | None:
+    """Counted training FLOPs of one sample at 512 px (FACTS.md): the research levers do the
+    research's work (the latent LPIPS other work, not counted: None)."""
     if variant.name == "fast":
         share = (variant.cfg.loss.pixel.samples_per_batch or variant.batch) / variant.batch
         return TFLOP_PER_SAMPLE["latent_only"] + share * FAST_DECODED_TFLOP
-    return TFLOP_PER_SAMPLE[variant.name.removesuffix("_nockpt")]
+    if variant.name == "research_latent_lpips":
+        return None
+    if variant.name.startswith("research"):
+        return TFLOP_PER_SAMPLE["research"]
+    return TFLOP_PER_SAMPLE[variant.name]
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -119,8 +134,8 @@ def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float 
         step_s=round(step_s, 4),
         first_step_s=round(warmup_s, 2),
         peak_mem_mb=None if peak_mb(device) is None else round(peak_mb(device), 1),
-        tflop_per_sample=round(flops, 3),
-        mfu=None if peak is None else round(rate * flops / peak, 4),
+        tflop_per_sample=None if flops is None else round(flops, 3),
+        mfu=None if peak is None or flops is None else round(rate * flops / peak, 4),
     )
 
 
@@ -163,6 +178,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-variants", default=None, help="those also timed compiled (default: all)"
     )
     p.add_argument(
+        "--compile-pixel-variants",
+        default="",
+        help="those also timed with only the pixel path compiled (UNet, ControlNet eager)",
+    )
+    p.add_argument(
+        "--largest-variants",
+        default=None,
+        help="those also timed at the largest batch that fits (default: all)",
+    )
+    p.add_argument(
         "--profile", default=None, help="a variant whose micro-step is profiled at --batch"
     )
     p.add_argument("--batch", type=int, default=8)
@@ -196,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 2**30 / total))
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     compiled_names = names if args.compile_variants is None else args.compile_variants.split(",")
+    pixel_names = [v for v in args.compile_pixel_variants.split(",") if v]
+    largest_names = names if args.largest_variants is None else args.largest_variants.split(",")
     rows, skipped, largest = [], [], {}
     result = dict(
         rows=rows,
@@ -223,38 +250,45 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         taesd = random_taesd(Path(tmp) / "taesd")
         bench = Bench(ARCHS[arch](), device, dtype, resolution)
-        variants = [Variant(n, *variant_config(n, batch, taesd)) for n in names]
+        extra = ["model.emonet=demo-critic-train"] if dry else None  # EmoNet is slow on CPU
+        variants = [Variant(n, *variant_config(n, batch, taesd, extra)) for n in names]
         for v in variants:
             bench.build(v, batch)
-            v.losses.set_checkpointing(v.checkpointing)
         plan = [(v, "eager") for v in variants]  # eager first: the must-have
         plan += [(v, "profile") for v in variants if v.name == args.profile]
+        plan += [(v, "compiled_pixel") for v in variants if v.name in pixel_names]
         plan += [(v, "compiled") for v in variants if v.name in compiled_names]
         for v, mode in plan:
             if time.perf_counter() - t_start > args.budget_s:
                 skipped.append(f"{v.name} {mode}: over the time budget")
                 continue
             try:
+                bench.prepare(v)  # its checkpointing and decoder layout on the shared VAE
                 bench.set_compiled(mode == "compiled", backend)
+                v.losses.set_compiled(mode in ("compiled", "compiled_pixel"), backend)
                 if mode == "profile":
                     ops = profile_step(bench, v, batch)
                     result["profile"] = dict(variant=v.name, batch=batch, ops=ops)
                     continue
-                if v.name not in largest:  # searched eagerly; compiled runs re-trace per size
-                    largest[v.name] = largest_batch(bench, v, batch, cap)
-                for label, b in {"batch": batch, "largest": largest[v.name]}.items():
+                sizes = {"batch": batch}  # compiled: one compile per shape, batch only
+                if v.name in largest_names and mode == "eager":
+                    if v.name not in largest:  # searched eagerly; compiled runs re-trace
+                        largest[v.name] = largest_batch(bench, v, batch, cap)
+                    sizes["largest"] = largest[v.name]
+                for label, b in sizes.items():
                     if b < 1:
                         raise RuntimeError(f"{label}: batch {batch} does not fit")
-                    row = dict(
-                        variant=v.name, compile=mode == "compiled", batch=b, batch_kind=label
-                    )
+                    row = dict(variant=v.name, compile=mode, batch=b, batch_kind=label)
                     row.update(measure(bench, v, b, steps, peak))
+                    if mode != "eager":
+                        row["compile_s"] = round(row["first_step_s"] - row["step_s"], 1)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             except Exception as err:  # one failing variant (a compiler error) keeps the others
                 skipped.append(f"{v.name} {mode}: {type(err).__name__}: {err}"[:500])
                 print(skipped[-1], file=sys.stderr, flush=True)
             finally:
+                v.losses.set_compiled(False)
                 save()
     print(save(), flush=True)
     return result

@@ -14,10 +14,19 @@ shapes, random weights, built in code: nothing is downloaded). Critics are rando
 
 Variants:
   latent_only      diffusion term only (the ControlNet baseline)
-  research         configs/stableface_best.yaml: VAE decoder, LPIPS-vgg, EmoNet, every sample
+  research         configs/stableface_best.yaml: VAE decoder, LPIPS-vgg, EmoNet, every sample,
+                   as one batch checkpointed per decoder block (the pixel path since issue 32)
   fast             configs/affectnet_fast.yaml with every term on (pixel_l1 too): TAESD,
                    LPIPS-alex, low-noise samples only, a fixed count per micro-batch
   research_nockpt  research without checkpointing of decoder and critics (what it buys)
+  research_per_sample  research down the pixel path before issue 32: sample by sample, each
+                   sample's decoder, LPIPS and EmoNet under their own checkpoint
+  research_chunkN  research decoded and read N samples at a time (loss.pixel.chunk_size=N)
+  research_nchw    research with decoder and critics in NCHW (loss.pixel.*_layout=contiguous)
+  research_nchw_decoder  only the decoder in NCHW
+  research_norm_fp32  research with every GroupNorm of the pixel path computed in fp32 and
+                   cast back, what autocast does to it (the lever's "before"; equal in fp32)
+  research_latent_lpips  research with loss.lpips.space=latent (LPL on decoder features)
 
 Prints one JSON line per variant. ``step_s``: median time of one micro-step (forward +
 backward of a micro-batch, gradients accumulating), the unit gradient accumulation repeats:
@@ -45,10 +54,14 @@ import statistics
 import sys
 import tempfile
 import time
+import types
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,7 +70,28 @@ from controlnet_emo.config import RECIPES, Config, load_config  # noqa: E402
 from controlnet_emo.models.fast_paths import use_fast_paths  # noqa: E402
 from controlnet_emo.training.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
 
-VARIANTS = ("latent_only", "research", "fast", "research_nockpt")
+VARIANTS = (
+    "latent_only",
+    "research",
+    "fast",
+    "research_nockpt",
+    "research_per_sample",
+    "research_chunkN",
+    "research_nchw",
+    "research_nchw_decoder",
+    "research_norm_fp32",
+    "research_latent_lpips",
+)
+RESEARCH_LEVERS = {  # variant -> its overrides of the research recipe
+    "research_nchw": [
+        "loss.pixel.decoder_layout=contiguous",
+        "loss.pixel.critic_layout=contiguous",
+    ],
+    "research_nchw_decoder": ["loss.pixel.decoder_layout=contiguous"],
+    "research_norm_fp32": [],
+    "research_per_sample": [],
+    "research_latent_lpips": ["loss.lpips.space=latent"],
+}
 _RANDOM_CRITICS = ["model.emonet=random", "model.lpips_backbone=random"]
 
 
@@ -121,9 +155,16 @@ def random_taesd(folder: Path) -> str:
     return str(folder)
 
 
-def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
-    """A variant's config (a shipped recipe, random critics) and its pixel checkpointing."""
+def variant_config(
+    name: str, batch: int, taesd: str, extra: list[str] | None = None
+) -> tuple[Config, str]:
+    """A variant's config (a shipped recipe, random critics) and its pixel checkpointing;
+    ``extra``: overrides for every variant (``gpu_bench.py --dry-run``'s small critic)."""
     fit = [f"train.batch_size={batch}", f"train.total_batch_size={batch}"]
+
+    def load(recipe: str, over: list[str]) -> Config:
+        return load_config(RECIPES / recipe, over + (extra or []))  # extra wins
+
     if name == "latent_only":
         off = [
             "loss.lpips.weight=0",
@@ -131,10 +172,15 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
             "loss.emotion.arousal=0",
             "loss.emotion.expression=0",
         ]
-        return load_config(RECIPES / "stableface_best.yaml", fit + off), "full"
+        return load("stableface_best.yaml", fit + off), "full"
     if name in ("research", "research_nockpt"):
-        cfg = load_config(RECIPES / "stableface_best.yaml", fit + _RANDOM_CRITICS)
+        cfg = load("stableface_best.yaml", fit + _RANDOM_CRITICS)
         return cfg, "none" if name == "research_nockpt" else "full"
+    if name in RESEARCH_LEVERS or name.removeprefix("research_chunk").isdigit():
+        chunk = [f"loss.pixel.chunk_size={name.removeprefix('research_chunk')}"]
+        over = RESEARCH_LEVERS[name] if name in RESEARCH_LEVERS else chunk
+        cfg = load("stableface_best.yaml", fit + _RANDOM_CRITICS + over)
+        return cfg, "full"
     if name == "fast":
         fast = load_config(RECIPES / "affectnet_fast.yaml")
         n = min(fast.loss.pixel.samples_per_batch or batch, batch)
@@ -147,8 +193,45 @@ def variant_config(name: str, batch: int, taesd: str) -> tuple[Config, str]:
                 f"loss.pixel.samples_per_batch={n}",
             ]
         )
-        return load_config(RECIPES / "affectnet_fast.yaml", over), "full"
+        return load("affectnet_fast.yaml", over), "full"
     raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+
+
+class PerSamplePixelLosses(PixelLosses):
+    """The pixel path before issue 32, for comparison only: every sample decoded and read on
+    its own (chunks of one), its decoder under a checkpoint of its own around the per-block
+    ones (so the decoder's forward runs three times), LPIPS and EmoNet under one each."""
+
+    def __init__(self, cfg: Config, vae: torch.nn.Module):
+        super().__init__(cfg, vae)
+        self.chunk_size = 1
+
+    def _decode(self, x0: torch.Tensor):
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(lambda x: PixelLosses._decode(self, x), x0, use_reentrant=False)
+        return super()._decode(x0)
+
+
+def _groupnorm_fp32(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    weight = None if self.weight is None else self.weight.float()
+    bias = None if self.bias is None else self.bias.float()
+    return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+@contextmanager
+def groupnorm_in_fp32(module: torch.nn.Module | None):
+    """Every GroupNorm under ``module`` computed in fp32 with a cast each way, as autocast
+    runs it on CUDA (the ``research_norm_fp32`` variant); restored on exit."""
+    norms = (
+        [] if module is None else [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    )
+    for m in norms:
+        m.forward = types.MethodType(_groupnorm_fp32, m)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -286,8 +369,9 @@ class Bench:
         d = cfg.loss.diffusion
         target = diffusion_target(latents, noise, t, sched)
         terms = {"diffusion": diffusion_loss(pred, target, t, sched, d.kind, d.snr_gamma)}
-        terms.update(
-            losses(
+        norms = groupnorm_in_fp32(losses) if getattr(losses, "norm_fp32", False) else nullcontext()
+        with norms:
+            pixel_terms = losses(
                 noisy,
                 pred,
                 t,
@@ -298,14 +382,15 @@ class Bench:
                 batch["valence"],
                 batch["arousal"],
             )
-        )
+        terms.update(pixel_terms)
         weights = cfg.loss.weights()
         sum(weights[k] * v.float() for k, v in terms.items()).backward()
         return {k: v.item() for k, v in terms.items()}
 
     def set_compiled(self, on: bool, backend: str = "inductor") -> None:
         """Run the UNet and ControlNet through torch.compile (static shapes), as
-        ``train.compile`` does, or eagerly; the compiled wrappers share the eager weights."""
+        ``train.compile`` does, or eagerly; the compiled wrappers share the eager weights.
+        (The pixel path has its own: ``PixelLosses.set_compiled``.)"""
         if not on:
             self.unet, self.controlnet = self.eager
             return
@@ -324,17 +409,27 @@ class Bench:
             torch.cuda.synchronize()
 
     def build(self, variant: Variant, b: int) -> None:
+        kind = PerSamplePixelLosses if variant.name == "research_per_sample" else PixelLosses
         variant.losses = (
-            PixelLosses(variant.cfg, self.vae)
+            kind(variant.cfg, self.vae)
             .to(self.device)
             .critics_to(self.dtype, channels_last=self.channels_last)
         )
+        variant.losses.norm_fp32 = variant.name == "research_norm_fp32"
         if variant.losses.decoder is not None:
             variant.losses.decoder.to(self.dtype)
         variant.batch = b
 
+    def prepare(self, variant: Variant) -> None:
+        """The variant's settings on what the variants share (the VAE's checkpointing flags
+        and its decoder's layout)."""
+        variant.losses.set_checkpointing(variant.checkpointing)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.vae.decoder.to(memory_format=layout)
+        variant.losses.critics_to(self.dtype, channels_last=self.channels_last)
+
     def timed_step(self, variant: Variant) -> None:
-        variant.losses.set_checkpointing(variant.checkpointing)  # variants share the VAE flags
+        self.prepare(variant)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -355,7 +450,7 @@ class Bench:
         for i in range(warmup):
             for v in variants:
                 if i == 0 and self.device.type == "cpu":  # profiled: memory, not timing
-                    v.losses.set_checkpointing(v.checkpointing)
+                    self.prepare(v)
                     v.step_mem_mb = cpu_step_peak_mb(
                         lambda v=v: self.micro_step(v.cfg, v.losses, v.batch)
                     )
@@ -433,6 +528,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="timed micro-steps, gradients accumulating (the median is reported)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every variant (e.g. model.emonet=demo-critic-train)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--precision",
@@ -451,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         taesd = random_taesd(Path(tmp) / "taesd")
-        configs = {n: variant_config(n, args.batch, taesd) for n in names}  # fail fast on typos
+        configs = {n: variant_config(n, args.batch, taesd, args.set) for n in names}  # typos
         bench = Bench(ARCHS[args.arch](), device, dtype, args.resolution)
         variants = [Variant(n, *configs[n]) for n in names]
         for v in variants:
@@ -473,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
             device=str(device),
             precision=precision,
             threads=torch.get_num_threads(),
+            overrides=args.set,
         )
         print(json.dumps(row), flush=True)
 

@@ -120,7 +120,9 @@ class PixelSelectConfig:
     max_timestep: int = 1000
     """Only samples with t < max_timestep pay the decoder (low-noise steps carry the signal)."""
     samples_per_batch: int | None = None
-    """Fixed count of decoded samples per micro-batch (static shapes); null = every sample."""
+    """At most this many samples per micro-batch pay the decoder (null: every eligible one);
+    only they are decoded, except under train.compile, which always decodes this many (or
+    whole chunks) and masks the shortfall out: static shapes, no recompiles."""
     start_step: int = 0
     """Pixel and emotion terms join after this many optimizer steps: before, the diffusion term
     alone teaches the ControlNet to use its maps, which the critic's gradient otherwise
@@ -129,13 +131,31 @@ class PixelSelectConfig:
     """Cap the pixel and emotion terms' gradient on the noise prediction at this multiple of
     the diffusion term's (VQGAN's adaptive weight, capped at 1): a decoded critic's gradient
     can be ten times the diffusion term's and undo the maps. null: the weights alone."""
+    chunk_size: int | None = None
+    """Decode and read the paying samples this many at a time (null: all at once); each chunk
+    is checkpointed per decoder block, so a smaller chunk bounds the activations kept."""
+    decoder_layout: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """Memory layout of the decoder (and its input) in the pixel path; auto follows
+    train.channels_last. benchmarks/gpu.sh measures both on a GPU."""
+    critic_layout: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """The same for LPIPS and the emotion critic."""
+
+
+@dataclass
+class LpipsConfig:
+    weight: float = 0.08
+    space: Literal["pixel", "latent"] = "pixel"
+    """pixel: LPIPS on the decoded images (the research recipe). latent: an LPL-style term
+    (Berrada et al. 2025) on the frozen VAE decoder's mid- and up-block features of the
+    prediction against those of the real latent, each normalised per channel by the real
+    one's statistics; it never decodes to pixels and needs model.decoder: vae."""
 
 
 @dataclass
 class LossConfig:
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
     pixel_l1: WeightConfig = field(default_factory=WeightConfig)
-    lpips: WeightConfig = field(default_factory=lambda: WeightConfig(0.08))
+    lpips: LpipsConfig = field(default_factory=LpipsConfig)
     emotion: EmotionLossConfig = field(default_factory=EmotionLossConfig)
     landmarks: WeightConfig = field(default_factory=WeightConfig)
     """The critic's 68 landmarks on the decoded prediction against its landmarks on the real
@@ -197,10 +217,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
     """Recompute activations in backward: the UNet's and ControlNet's blocks, and the pixel
-    path's decoder and critics sample by sample. Off for small models, where memory is cheap."""
+    path's decoder blocks and critics (across the batch, or ``loss.pixel.chunk_size``). Off for
+    small models, where memory is cheap."""
     compile: bool = False
-    """torch.compile the UNet and ControlNet (static shapes): faster steps after a compile of
-    a minute or more at start; worth it for long GPU runs."""
+    """torch.compile the UNet and ControlNet, and the pixel path's decoder, LPIPS and critic
+    (static shapes): faster steps after a compile of a minute or more at start; worth it for
+    long GPU runs."""
     channels_last: bool = True
     """UNet, VAE, ControlNet and critics in channels_last on CPU and CUDA, oneDNN's and
     cuDNN's fastest conv kernels (the demo's CPU steps 1.12-1.4x; BENCHMARKS.md, "Training
@@ -485,6 +507,14 @@ def validate(cfg: Config) -> None:
     if n is not None and not 0 < n <= cfg.train.batch_size:
         raise ConfigError(
             f"loss.pixel.samples_per_batch: must be in [1, train.batch_size], got {n}"
+        )
+    chunk = cfg.loss.pixel.chunk_size
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"loss.pixel.chunk_size: must be >= 1 or null, got {chunk}")
+    if cfg.loss.lpips.space == "latent" and cfg.model.decoder != "vae":
+        raise ConfigError(
+            "loss.lpips.space: latent reads the SD VAE decoder's features; "
+            f"model.decoder is {cfg.model.decoder!r} (set it to vae)"
         )
     if cfg.train.lr_scheduler not in LR_SCHEDULERS:
         raise ConfigError(

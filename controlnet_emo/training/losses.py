@@ -7,6 +7,8 @@ term is logged on its own and weighted in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -95,23 +97,31 @@ def predict_x0(
 
 
 def select_pixel_samples(
-    timesteps: torch.Tensor, max_timestep: int, count: int | None
+    timesteps: torch.Tensor, max_timestep: int | None, count: int | None, pad_to: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which samples of a micro-batch pay the decoder: a fixed count, so shapes stay static.
+    """Which samples of a micro-batch pay the decoder, decided before anything is decoded.
 
-    Samples with t < max_timestep come first, in batch order (timesteps and batch order are
-    already random, so this is an unbiased pick and draws no RNG, which keeps resumes exact).
-    If fewer than ``count`` are eligible the rest are still decoded, but masked out of the
-    terms: static shapes beat the saved compute (no recompiles, no DDP stragglers).
-    Returns (index (n,) long, keep (n,) bool).
+    The payers are the samples with t < max_timestep (None: every sample), in batch order, at
+    most ``count`` (None: all of them); timesteps and batch order are already random, so this
+    is an unbiased pick and draws no RNG, which keeps resumes exact. With ``pad_to`` 1 only
+    the payers are returned (their number is read back from the device: one sync, none when
+    ``max_timestep`` is None). A larger ``pad_to`` rounds that number up to a multiple of it
+    (at most the batch) with non-payers masked out by ``keep``: the few shapes compiled code
+    needs. Returns (index (n,) long, keep (n,) bool); n may be 0.
     """
     b = timesteps.shape[0]
-    n = b if count is None else min(count, b)
-    eligible = timesteps < max_timestep  # (B,)
+    limit = b if count is None else min(count, b)
+    if max_timestep is None:
+        eligible = torch.ones_like(timesteps, dtype=torch.bool)
+        paying = limit
+    else:
+        eligible = timesteps < max_timestep  # (B,)
+        paying = min(limit, int(eligible.sum()))
+    n = min(b, -(-paying // pad_to) * pad_to)
     position = torch.arange(b, device=timesteps.device)
     order = torch.argsort((~eligible).long() * b + position)  # eligible first, stable
     index = order[:n]
-    return index, eligible[index]
+    return index, torch.arange(n, device=timesteps.device) < paying
 
 
 def masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -154,8 +164,9 @@ def soft_landmarks(heatmap: torch.Tensor) -> torch.Tensor:
     return weight @ grid  # (B,K,2)
 
 
-def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
-    """``module(*inputs)`` in the module's own dtype, outside any autocast.
+def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor, run: Callable | None = None):
+    """``module(*inputs)`` in the module's own dtype, outside any autocast; ``run``: what to
+    call instead of ``module`` (its compiled form).
 
     Why: a frozen critic cast to bf16 / fp16 must run in that dtype end to end. Under autocast
     some ops return fp32 (nearest upsampling in EmoNet's hourglass), and the next BatchNorm,
@@ -163,18 +174,77 @@ def frozen_forward(module: torch.nn.Module, *inputs: torch.Tensor):
     """
     dtype = next(module.parameters()).dtype
     with torch.autocast(inputs[0].device.type, enabled=False):
-        return module(*(x.to(dtype) for x in inputs))
+        return (run or module)(*(x.to(dtype) for x in inputs))
+
+
+def decoder_features(
+    decoder: torch.nn.Module, latents: torch.Tensor, checkpointed: bool, image: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The SD VAE decoder's mid-block and up-block outputs for scaled latents, checkpointed
+    per block across the batch when asked, and the decoded image from the last of them when
+    ``image`` (the decoder's own head: norm, SiLU, conv). What diffusers' ``Decoder.forward``
+    runs, block by block, in the decoder's dtype outside any autocast (as ``LatentDecoder``).
+    ``decoder`` is a ``LatentDecoder`` around an ``AutoencoderKL``.
+    """
+    autoencoder = decoder.autoencoder
+    blocks = autoencoder.decoder
+    dtype = next(autoencoder.parameters()).dtype
+    z = (latents / decoder.scaling_factor + decoder.shift_factor).to(dtype)
+    keep_graph = checkpointed and torch.is_grad_enabled()
+    with torch.autocast(z.device.type, enabled=False):
+        if autoencoder.post_quant_conv is not None:
+            z = autoencoder.post_quant_conv(z)
+        h = blocks.conv_in(z)
+        features = []
+        for block in (blocks.mid_block, *blocks.up_blocks):
+            h = checkpoint(block, h, None, use_reentrant=False) if keep_graph else block(h, None)
+            features.append(h)
+        if not image:
+            return features, None
+        return features, blocks.conv_out(blocks.conv_act(blocks.conv_norm_out(h)))
+
+
+def feature_distance(
+    prediction: list[torch.Tensor], target: list[torch.Tensor], eps: float = 1e-6
+) -> torch.Tensor:
+    """(m,) LPL distance: per layer, both feature maps standardised per sample and channel by
+    the target's spatial mean and std (LPL's 'shared' normalisation), then the mean squared
+    difference; layers weigh the same. Zero for identical features, in fp32."""
+    per_layer = []
+    for f, t in zip(prediction, target, strict=True):
+        f, t = f.float(), t.float()
+        std = t.std(dim=(2, 3), keepdim=True).clamp(min=eps)  # the mean cancels in f - t
+        per_layer.append(((f - t) / std).pow(2).mean(dim=(1, 2, 3)))
+    return torch.stack(per_layer, dim=1).mean(dim=1)
+
+
+_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def _without_donated_buffers(compiled: Callable) -> Callable:
+    """``compiled`` built and run without AOTAutograd's donated buffers: their backward
+    refuses ``retain_graph=True``, which ``gradient_balance`` (``loss.pixel.balance``) needs
+    to differentiate the terms before the step's own backward."""
+    import torch._functorch.config as functorch_config
+
+    def run(*args):
+        with functorch_config.patch(donated_buffer=False):
+            return compiled(*args)
+
+    return run
 
 
 class PixelLosses(torch.nn.Module):
     """Frozen critics + decoder; returns the unweighted pixel-space terms that are enabled.
 
     Only what some term with weight > 0 needs is built: with every pixel/emotion weight 0 this
-    module holds nothing and returns {}. Terms, each a mean over the decoded samples kept by
-    ``select_pixel_samples``:
+    module holds nothing and returns {}. Terms, each a mean over the samples that pay
+    (``select_pixel_samples``):
 
     - ``pixel_l1``: mean |img_hat - ref| in [-1,1] (per image, never batch-normalised);
-    - ``lpips``: LPIPS(img_hat, ref), inputs in [-1,1];
+    - ``lpips``: LPIPS(img_hat, ref), inputs in [-1,1]; with ``loss.lpips.space: latent`` the
+      LPL distance between the decoder's features of x0_hat and of x0 (``feature_distance``),
+      with no decode to pixels unless another term needs the image;
     - ``valence``, ``arousal``: |EmoNet(img_hat) - target|;
     - ``expression``: cross-entropy of EmoNet(img_hat)'s logits against a target distribution;
     - ``landmarks``: mean L1 between EmoNet's soft-argmax landmarks on img_hat and on ref
@@ -188,14 +258,18 @@ class PixelLosses(torch.nn.Module):
     target is one-hot for a label and the teacher's softmax otherwise (soft distillation: its
     minimum is the teacher's entropy, not 0).
 
-    Checkpointing ('full', the default with ``train.gradient_checkpointing``, else 'none'):
-    sample by sample, the decoder (with the SD VAE's per-block checkpointing inside), LPIPS
-    and EmoNet each run under their own checkpoint.
-    The forward keeps only each sample's x0 and decoded image; backward recomputes one
-    sample's critic or decoder at a time, so the memory the pixel terms add is about one
-    sample's largest piece whatever the batch, for one extra decoder and critic forward.
-    Chunks of 8 samples were no faster on an H200 (BENCHMARKS.md, "Tried, not kept").
-    'blocks' is the decoder's own checkpointing alone, 'none' keeps everything.
+    Batch work: the samples that pay are chosen first, and only they are decoded and read,
+    all at once or ``loss.pixel.chunk_size`` at a time. Checkpointing ('full', the default
+    with ``train.gradient_checkpointing``, else 'none'): each decoder block (the SD VAE's mid
+    and up blocks; TAESD's whole stack) under its own checkpoint across the chunk, and LPIPS
+    and EmoNet each under one; backward recomputes one block or critic at a time. 'blocks' is
+    the decoder's checkpointing alone, 'none' keeps everything.
+
+    Precision and layout: the decoder runs in the VAE's dtype and the critics in the one
+    ``critics_to`` gives them, outside any autocast (so their GroupNorms never run in fp32 with
+    a cast each way); ``loss.pixel.decoder_layout`` / ``critic_layout`` choose their memory
+    layout. ``set_compiled`` (``train.compile``) runs decoder, LPIPS and EmoNet through
+    ``torch.compile`` with static shapes.
     """
 
     def __init__(self, cfg: Config, vae: torch.nn.Module, checkpointing: str | None = None):
@@ -207,29 +281,61 @@ class PixelLosses(torch.nn.Module):
         self.terms = tuple(k for k, w in weights.items() if k != "diffusion" and w > 0)
         self.max_timestep = cfg.loss.pixel.max_timestep
         self.samples_per_batch = cfg.loss.pixel.samples_per_batch
+        self.chunk_size = cfg.loss.pixel.chunk_size
         self.target = cfg.loss.emotion.target
+        self.latent_lpips = "lpips" in self.terms and cfg.loss.lpips.space == "latent"
+        self.needs_image = any(t != "lpips" for t in self.terms) or (
+            "lpips" in self.terms and not self.latent_lpips
+        )
         self.decoder = load_decoder(cfg.model.decoder, vae) if self.terms else None
         self.lpips = (
             load_lpips(cfg.model.lpips_net, cfg.model.lpips_backbone)
-            if "lpips" in self.terms
+            if "lpips" in self.terms and not self.latent_lpips
             else None
         )
         self.emonet = build_emonet(cfg.model.emonet) if cfg.loss.needs_critic else None
         self.requires_grad_(False)  # all critics frozen; the graph still reaches model_pred
+        self.layouts = {
+            "decoder": cfg.loss.pixel.decoder_layout,
+            "critics": cfg.loss.pixel.critic_layout,
+        }
+        self._formats: dict[str, torch.memory_format] = {}
         # Unless told otherwise, follow train.gradient_checkpointing like the UNet: recomputing
         # the decoder and critics in backward buys memory a small model does not need (the
         # demo's emotion step costs 1.4x with it on the CPU).
         default = "full" if cfg.train.gradient_checkpointing else "none"
         self.set_checkpointing(checkpointing or default)
+        self.set_compiled(cfg.train.compile)
 
     def set_checkpointing(self, mode: str) -> None:
-        """'full' (per-sample, see the class doc), 'blocks' (the decoder's own) or 'none'."""
+        """'full' (decoder blocks and critics, see the class doc), 'blocks' or 'none'."""
         if mode not in ("none", "blocks", "full"):
             raise ValueError(f"checkpointing {mode!r}: expected none, blocks or full")
         self.checkpointing = mode
         if self.decoder is not None:
-            inner = mode == "blocks" or (mode == "full" and self.decoder.checkpoints_per_block)
-            self.decoder.set_checkpointing("blocks" if inner else "none")
+            self.decoder.set_checkpointing("none" if mode == "none" else "blocks")
+
+    def set_compiled(self, on: bool, backend: str = "inductor") -> None:
+        """Decoder, LPIPS and EmoNet through ``torch.compile`` (static shapes) or eager. The
+        compiled wrappers share the modules' weights and are not submodules (state_dict and
+        ``to`` see the originals); compilation happens at their first call."""
+        self.compiled: dict[str, Callable] = {}
+        if not on:
+            return
+        parts = {n: getattr(self, n) for n in ("decoder", "lpips", "emonet")}
+        if self.latent_lpips:
+            parts["features"] = decoder_features
+        for name, part in parts.items():
+            if part is not None:
+                self.compiled[name] = _without_donated_buffers(
+                    torch.compile(part, dynamic=False, backend=backend)
+                )
+
+    def _call(self, name: str) -> Callable:
+        """The named part, compiled when ``set_compiled`` is on."""
+        if name in self.compiled:
+            return self.compiled[name]
+        return decoder_features if name == "features" else getattr(self, name)
 
     def forward(
         self,
@@ -251,31 +357,73 @@ class PixelLosses(torch.nn.Module):
         """
         if not self.terms:
             return {}
-        index, keep = select_pixel_samples(timesteps, self.max_timestep, self.samples_per_batch)
+        # Frozen parts run in their own dtype, never under the caller's autocast: it would
+        # run each GroupNorm in fp32 with a cast each way (and resize in bf16 on the CPU).
+        with torch.autocast(model_pred.device.type, enabled=False):
+            return self._terms(
+                noisy_latents,
+                model_pred,
+                timesteps,
+                scheduler,
+                pixel_values,
+                latents,
+                expression,
+                valence,
+                arousal,
+            )
+
+    def _terms(
+        self,
+        noisy_latents: torch.Tensor,
+        model_pred: torch.Tensor,
+        timesteps: torch.Tensor,
+        scheduler,
+        pixel_values: torch.Tensor,
+        latents: torch.Tensor,
+        expression: torch.Tensor,
+        valence: torch.Tensor,
+        arousal: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        b = timesteps.shape[0]
+        gate = self.max_timestep
+        if gate >= scheduler.config.num_train_timesteps:
+            gate = None  # every timestep pays: no need to read the timesteps back
+        pad = (self.samples_per_batch or self.chunk_size or b) if self.compiled else 1
+        index, keep = select_pixel_samples(timesteps, gate, self.samples_per_batch, pad)
+        if index.numel() == 0:  # nobody pays: zeros, still in the graph, NaN-proof
+            none = torch.zeros(1, dtype=torch.bool, device=model_pred.device)
+            zero = masked_mean(model_pred.float().sum().view(1), none)
+            return dict.fromkeys(self.terms, zero)
         x0 = predict_x0(noisy_latents[index], model_pred[index], timesteps[index], scheduler)
+        real = latents[index].float()
         with torch.no_grad():
-            if self.decoder.decodes_reference:
-                reference = self.decoder(latents[index]).float()
-            else:
-                reference = pixel_values[index].float()  # (n,3,H,W)
+            reference = None
+            if self.needs_image:
+                if self.decoder.decodes_reference:
+                    reference = self._call("decoder")(self._layout(real, "decoder")).float()
+                else:
+                    reference = pixel_values[index].float()  # (n,3,H,W)
             goals = self._emotion_goals(
                 reference, expression[index], valence[index], arousal[index]
             )
-        if self.checkpointing == "full" and torch.is_grad_enabled():
-            # sample by sample: backward then recomputes one sample's decoder or critic at a time
-            values = torch.cat(
-                [
-                    self._sample_terms(
-                        x0[i : i + 1],
-                        reference[i : i + 1],
-                        *(g if g is None else g[i : i + 1] for g in goals),
-                    )
-                    for i in range(x0.shape[0])
-                ]
-            )  # (n, terms)
-        else:
-            values = self._sample_terms(x0, reference, *goals)
+        size = self.chunk_size or x0.shape[0]
+        values = torch.cat(
+            [
+                self._chunk_terms(
+                    x0[s],
+                    real[s],
+                    None if reference is None else reference[s],
+                    *(g if g is None else g[s] for g in goals),
+                )
+                for s in (slice(i, i + size) for i in range(0, x0.shape[0], size))
+            ]
+        )  # (n, terms)
         return {name: masked_mean(values[:, j], keep) for j, name in enumerate(self.terms)}
+
+    def _layout(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """``x`` in the memory layout chosen for ``part`` ('decoder' or 'critics')."""
+        fmt = self._formats.get(part)
+        return x if fmt is None else x.contiguous(memory_format=fmt)
 
     def _checkpointed(self, fn, *args):
         """fn(*args), under its own checkpoint in 'full' mode: only its inputs are kept."""
@@ -283,15 +431,36 @@ class PixelLosses(torch.nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _sample_terms(
-        self, x0: torch.Tensor, reference: torch.Tensor, *goals: torch.Tensor
+    def _decode(self, x0: torch.Tensor) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """(m,4,h,w) predicted x0 -> (the decoder's features when the latent LPIPS reads them,
+        the (m,3,H,W) fp32 image when a term needs it); the graph reaches x0."""
+        x0 = self._layout(x0, "decoder")
+        if self.latent_lpips:
+            blocks = self.checkpointing != "none"
+            features, image = self._call("features")(self.decoder, x0, blocks, self.needs_image)
+            return features, None if image is None else image.float()
+        return None, self._call("decoder")(x0).float()
+
+    def _chunk_terms(
+        self,
+        x0: torch.Tensor,
+        real: torch.Tensor,
+        reference: torch.Tensor | None,
+        *goals: torch.Tensor,
     ) -> torch.Tensor:
-        """(m,4,h,w) predicted x0 -> (m, terms) per-sample values, in ``self.terms`` order."""
-        image = self._checkpointed(self.decoder, x0).float()  # (m,3,H,W), grad flows to x0
+        """(m,4,h,w) predicted x0, real latents and reference images -> (m, terms) per-sample
+        values, in ``self.terms`` order."""
+        features, image = self._decode(x0)
         out: dict[str, torch.Tensor] = {}
         if "pixel_l1" in self.terms:
             out["pixel_l1"] = (image - reference).abs().mean(dim=(1, 2, 3))
-        if self.lpips is not None:
+        if self.latent_lpips:
+            with torch.no_grad():
+                target, _ = self._call("features")(
+                    self.decoder, self._layout(real, "decoder"), False, False
+                )
+            out["lpips"] = feature_distance(features, target)
+        elif self.lpips is not None:
             out["lpips"] = self._checkpointed(self._lpips, image, reference)
         if self.emonet is not None:
             expression, valence, arousal, points = self._checkpointed(self._emonet, image)
@@ -308,21 +477,36 @@ class PixelLosses(torch.nn.Module):
 
     def critics_to(self, dtype: torch.dtype, channels_last: bool = False) -> PixelLosses:
         """LPIPS and EmoNet in ``dtype``: frozen, like the VAE and text encoder, they run in the
-        training's weight dtype (the decoder already follows the VAE's); ``channels_last`` where
-        the UNet has it (fast_paths.use_fast_paths)."""
-        layout = torch.channels_last if channels_last else torch.preserve_format
+        training's weight dtype (the decoder already follows the VAE's). Layouts: 'auto'
+        follows ``channels_last`` (where the UNet has it, fast_paths.use_fast_paths) and
+        leaves inputs as they come; 'channels_last' / 'contiguous' convert the part (for the
+        decoder: the VAE's decoder half, not its encoder) and each input it is given."""
+        auto = torch.channels_last if channels_last else torch.preserve_format
+        for part, layout in self.layouts.items():
+            if layout != "auto":
+                self._formats[part] = _FORMATS[layout]
+        critic_format = self._formats.get("critics", auto)
         for critic in (self.lpips, self.emonet):
             if critic is not None:
-                critic.to(dtype=dtype, memory_format=layout)
+                critic.to(dtype=dtype, memory_format=critic_format)
+        if self.decoder is not None and "decoder" in self._formats:
+            autoencoder = self.decoder.autoencoder
+            for part in (autoencoder.decoder, getattr(autoencoder, "post_quant_conv", None)):
+                if part is not None:
+                    part.to(memory_format=self._formats["decoder"])
         return self
 
     def _lpips(self, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return frozen_forward(self.lpips, image, reference).flatten().float()  # (m,)
+        image, reference = self._layout(image, "critics"), self._layout(reference, "critics")
+        return (
+            frozen_forward(self.lpips, image, reference, run=self._call("lpips")).flatten().float()
+        )  # (m,)
 
     def _emonet(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """EmoNet on the prediction, NOT under no_grad: (logits (m,C), valence, arousal (m,),
         soft landmarks (m,68,2))."""
-        pred = frozen_forward(self.emonet, to_emonet_input(image))
+        x = self._layout(to_emonet_input(image), "critics")
+        pred = frozen_forward(self.emonet, x, run=self._call("emonet"))
         return (
             pred["expression"].float(),
             pred["valence"].float(),
@@ -359,7 +543,8 @@ class PixelLosses(torch.nn.Module):
         )
         if not asks_teacher:
             return valence, arousal, onehot, None
-        teacher = frozen_forward(self.emonet, to_emonet_input(reference))
+        x = self._layout(to_emonet_input(reference), "critics")
+        teacher = frozen_forward(self.emonet, x, run=self._call("emonet"))
         return (
             torch.where(valence.isnan(), teacher["valence"].float(), valence),
             torch.where(arousal.isnan(), teacher["arousal"].float(), arousal),

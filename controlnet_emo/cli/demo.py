@@ -122,9 +122,10 @@ def demo_infer_and_evaluate(cfg: Config, out: Path) -> None:
         depth=root / record.maps["depth"] if "depth" in record.maps else None,
         skeleton=root / record.maps["skeleton"] if "skeleton" in record.maps else None,
     )
+    margin = row["generated"].get("ssim_margin")
     print(
         f"infer/happy_sheet.png: held-out face {row['index']} ({row['file_name']}), the median "
-        f"SSIM margin ({row['generated']['ssim_margin']:.3f}) of its {row['pool']} evaluated faces"
+        f"SSIM margin ({'-' if margin is None else f'{margin:.3f}'}) of {row['pool']} faces"
     )
 
 
@@ -132,7 +133,7 @@ def representative_row(per_sample: Path, expression: str) -> dict:
     """The median face by SSIM margin among the evaluated faces labelled ``expression``."""
     rows = [json.loads(line) for line in per_sample.read_text().splitlines() if line.strip()]
     pool = [r for r in rows if r["label"]["expression"] == expression] or rows
-    pool.sort(key=lambda r: r["generated"]["ssim_margin"])
+    pool.sort(key=lambda r: r["generated"].get("ssim_margin") or 0.0)  # None: one face alone
     return pool[(len(pool) - 1) // 2] | {"pool": len(pool)}
 
 

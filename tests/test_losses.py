@@ -380,7 +380,9 @@ def test_batched_pixel_path_matches_the_per_sample_one(tiny_sd, chunk_size):
         float((g - w).norm() / w.norm().clamp(min=1e-12))
         for g, w in zip(grads, ref_grads, strict=True)
     ]
-    assert max(errors) < 1e-5, max(errors)  # relative to each gradient's norm
+    # relative to each gradient's norm: under 1e-5 on one thread, ~1e-4 on two (the threads
+    # split the reductions differently); a wrong sample or mask errs by order 1
+    assert max(errors) < 1e-3, max(errors)
 
 
 def test_bf16_pixel_path_is_close_to_fp32_and_norms_in_bf16(tiny_sd):

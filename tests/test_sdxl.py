@@ -211,3 +211,33 @@ def test_doctor_checks_both_text_encoders_of_an_sdxl_folder(tmp_path):
     shutil.rmtree(folder / "tokenizer_2")
     problems = "; ".join(sd_folder_problems(folder))
     assert "text_encoder_2" in problems and "tokenizer_2/" in problems
+
+
+def test_doctor_estimates_sdxl_training_memory_growing_with_resolution(tmp_path):
+    """The GPU memory row names SDXL, counts both text encoders, and its activations grow with
+    the latent area (4x from 64 to 128 px); the VAE is fp32 in fp16 runs (it overflows)."""
+    from controlnet_emo.cli import doctor
+
+    folder = Path(resolve_pretrained("tiny-xl"))
+    estimates = {}
+    for res in (64, 128):
+        over = {**XL, "data.resolution": res, "train.mixed_precision": "fp16"}
+        cfg = load_config(DEMO_CONFIG, tiny_overrides(tmp_path / "run", tmp_path / "d", **over))
+        sizes = doctor.model_sizes(cfg, folder)
+        assert sizes.family == "sdxl" and sizes.exact
+        rows = doctor.check_memory(cfg, sizes)
+        assert [r.check for r in rows] == ["GPU memory"]
+        assert "SDXL" in rows[0].detail and "both text encoders" in rows[0].detail
+        assert "VAE in fp32" in rows[0].detail, rows[0].detail
+        estimates[res] = doctor.memory_estimate(cfg, sizes)[0]
+    units = doctor.activation_units(sizes.unet_config, 64, sizes.vae_scale)
+    per_sample = units * doctor.ACTIVATION_BYTES_PER_UNIT  # at 64 px; 4x at 128 px
+    assert estimates[128] - estimates[64] == pytest.approx(3 * 2 * per_sample)  # batch 2
+    # SDXL-base's UNet levels at 1024 px: 5.9x SD 1.5's at 512 px
+    xl_base = dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+    )
+    ratio = doctor.activation_units(xl_base, 1024) / doctor.activation_units(doctor.SD15_UNET, 512)
+    assert ratio == pytest.approx(5.9, abs=0.05)

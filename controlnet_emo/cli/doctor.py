@@ -79,6 +79,11 @@ class Sizes:
     vae_scale: int = 8
     exact: bool = True
     note: str = ""
+    text_encoders: int = 0
+    vae: int = 0
+    family: str = "sd"
+    vae_upcast: bool = True
+    unet_config: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +157,8 @@ def diagnose(
     data_rows, n_train = check_dataset(cfg, open_files, raw)
     rows += data_rows + check_prepare(cfg, raw, prepared=n_train > 0)
     rows += check_launch(cfg, launch) + check_devices(cfg, launch) + check_packages(cfg, launch)
-    rows += check_output(cfg, model_sizes(cfg, base_folder), n_train)
+    sizes = model_sizes(cfg, base_folder)
+    rows += check_memory(cfg, sizes) + check_output(cfg, sizes, n_train)
     return rows
 
 
@@ -701,16 +707,18 @@ def _count_on_meta(cfg: Config, base_folder: Path) -> Sizes:
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     from controlnet_emo.models.controlnet import build_controlnet, init_folders
-    from controlnet_emo.models.sd import vae_scale_factor
+    from controlnet_emo.models.sd import unet_family, vae_scale_factor
     from controlnet_emo.models.unet_tuning import configure_unet
 
     vae_config = AutoencoderKL.load_config(base_folder, subfolder="vae")
     vae = SimpleNamespace(config=SimpleNamespace(**vae_config))
+    unet_config = UNet2DConditionModel.load_config(base_folder, subfolder="unet")
+    family = unet_family(unet_config)
     init = cfg.model.controlnet.init
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(base_folder, subfolder="unet")
-        )
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae_params = _numel(AutoencoderKL.from_config(vae_config).parameters())
+        text_params = _count_text_encoders(base_folder, family)
         if init == "from_unet":
             nets = [build_controlnet(cfg, unet, vae_scale_factor(vae))]
         else:
@@ -725,11 +733,120 @@ def _count_on_meta(cfg: Config, base_folder: Path) -> Sizes:
         unet_trainable=_numel(trainable),
         latent_channels=int(vae_config.get("latent_channels", 4)),
         vae_scale=vae_scale_factor(vae),
+        text_encoders=text_params,
+        vae=vae_params,
+        family=family,
+        vae_upcast=bool(vae_config.get("force_upcast", True)),
+        unet_config=dict(unet_config),
     )
+
+
+def _count_text_encoders(base_folder: Path, family: str) -> int:
+    """Both SDXL text encoders' parameters (one for SD), built from their configs on the meta
+    device (the caller's ``torch.device('meta')``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = [("text_encoder", CLIPTextModel)]
+    if family == "sdxl":
+        parts.append(("text_encoder_2", CLIPTextModelWithProjection))
+    total = 0
+    for sub, cls in parts:
+        config = CLIPTextConfig.from_pretrained(base_folder / sub)
+        total += _numel(cls(config).parameters())
+    return total
 
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU memory
+
+
+SD15_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    transformer_layers_per_block=1,
+)
+"""SD 1.5's UNet levels: the shape the activation rule was measured on."""
+ACTIVATION_BYTES_PER_UNIT = 0.33e9 / 4.67e6
+"""Bytes of training activations per activation unit (``activation_units``), in bf16 with
+gradient checkpointing on UNet and ControlNet: SD 1.5 at 512 px measured 0.33 GB a sample
+(latent_only, H200, BENCHMARKS.md "GPU benchmark": 7.8 GB at batch 8, 15.7 GB at 32), and SD
+1.5 at 512 px has 4.67 M units."""
+
+
+def activation_units(unet_config: dict, resolution: int, vae_scale: int = 8) -> float:
+    """The activation rule: a sample's saved activations grow with each UNet level's feature
+    map (channels x latent area at that level) times the blocks that read it (one ResNet, plus
+    each transformer layer of a cross-attention level). SD 1.5 at 512 px: 4.67 M; SDXL at 1024
+    px: 27.5 M (5.9x: 4x the area, ten transformer layers on its 1280-channel level)."""
+    channels = list(unet_config["block_out_channels"])
+    kinds = list(unet_config["down_block_types"])
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    depths = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    depths = [d if isinstance(d, int) else max(d) for d in depths]  # per-layer lists
+    area = (resolution / vae_scale) ** 2
+    units = 0.0
+    for level, (c, kind, d) in enumerate(zip(channels, kinds, depths, strict=False)):
+        units += c * area / 4**level * (1 + (d if "CrossAttn" in kind else 0))
+    return units
+
+
+def memory_estimate(cfg: Config, sizes: Sizes) -> tuple[float, str]:
+    """Bytes one GPU holds at the peak of a training micro-step, and how that sum was made.
+
+    Frozen UNet and text encoders in the run's weight dtype (2 B a parameter in fp16/bf16, 4 B
+    in fp32); the VAE likewise, but fp32 for SDXL in fp16 unless the VAE is an fp16-fixed one
+    (``force_upcast: false``), as ``models.sd.vae_dtype`` decides; the trained ControlNet in
+    fp32 with its gradients and AdamW's two moments (16 B a parameter; 10 B with 8-bit Adam;
+    +4 B with EMA), and the trained part of the UNet alike; activations per sample from
+    ``activation_units`` at ``data.resolution`` (x2 in fp32). The pixel terms' decoder and
+    critics are not counted: they add their activations per decoded sample."""
+    t, m = cfg.train, cfg.model
+    half = t.mixed_precision in ("fp16", "bf16")
+    weight = 2 if half else 4
+    vae_bytes = (
+        4
+        if (sizes.family == "sdxl" and t.mixed_precision == "fp16" and sizes.vae_upcast)
+        else weight
+    )
+    frozen = weight * (sizes.unet + sizes.text_encoders) + vae_bytes * sizes.vae
+    per_trained = 16 - (6 if t.use_8bit_adam else 0) + (4 if t.ema else 0)
+    trained = per_trained * sizes.controlnet
+    if m.unet_trainable != "none":
+        trained += per_trained * sizes.unet_trainable
+    units = activation_units(sizes.unet_config or SD15_UNET, cfg.data.resolution, sizes.vae_scale)
+    per_sample = units * ACTIVATION_BYTES_PER_UNIT * (1 if half else 2)
+    total = frozen + trained + t.batch_size * per_sample
+    how = (
+        f"frozen {size_text(frozen)} (UNet, {'both text encoders' if sizes.family == 'sdxl' else 'text encoder'}, "
+        f"VAE in {'fp32' if vae_bytes == 4 else t.mixed_precision}) + ControlNet with "
+        f"gradients and optimizer {size_text(trained)} + {t.batch_size} x "
+        f"{size_text(per_sample)} activations at {cfg.data.resolution} px"
+    )
+    if not t.gradient_checkpointing:
+        how += "; gradient checkpointing is off: activations several times this (not measured)"
+    return total, how
+
+
+def check_memory(cfg: Config, sizes: Sizes) -> list[Row]:
+    """Training memory on one GPU for this base's family and ``data.resolution``; a warning
+    when the GPU here has less (the estimate is a rule, not a measurement)."""
+    import torch
+
+    if sizes.unet_config is None:
+        return [Row("ok", "GPU memory", f"not estimated ({sizes.note or 'no UNet config'})")]
+    need, how = memory_estimate(cfg, sizes)
+    family = "SDXL" if sizes.family == "sdxl" else "SD"
+    detail = f"{family}: about {size_text(need)} per GPU ({how})"
+    if torch.cuda.is_available():
+        have = torch.cuda.get_device_properties(0).total_memory
+        if have < need:
+            fix = "lower train.batch_size (raise accumulation), or use_8bit_adam"
+            return [Row("warn", "GPU memory", f"{detail}; the GPU has {size_text(have)}", fix)]
+    return [Row("ok", "GPU memory", detail)]
 
 
 def disk_estimate(cfg: Config, sizes: Sizes, n_train: int) -> tuple[int, str]:

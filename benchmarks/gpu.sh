@@ -10,7 +10,9 @@
 #      profile of one research micro-step (the ops with the most GPU time); research with its
 #      pixel path compiled at batch 8 (compile time in compile_s); then latent_only compiled
 #      (inductor needs over 2 minutes for UNet + ControlNet: the budget may skip it, and says
-#      so). Memory capped at 80 GB (an H100's) so the largest batch answers for it.
+#      so); last SDXL-base shapes at 1024 px (random weights, both text encoders, bf16):
+#      latent_only and research at batch 1-4, if the budget leaves time. Memory capped at
+#      80 GB (an H100's) so the largest batch answers for it.
 # Results land in $OUT (default benchmarks/out): gpu_tests.txt, gpu_bench.log and
 # <date>-<gpu>.json, which a GPU run also copies to benchmarks/results/ (commit it there).
 #   benchmarks/gpu.sh            # on the GPU machine
@@ -41,6 +43,7 @@ timeout $(( budget + 60 )) "$PY" benchmarks/gpu_bench.py "${DRY[@]}" --budget-s 
   --memory-gb 80 --max-batch-cap 32 --variants "research,$levers,latent_only,fast" \
   --largest-variants latent_only,fast,research --profile research \
   --compile-pixel-variants research --compile-variants latent_only \
+  --sdxl-variants latent_only,research --sdxl-batches 1,2,3,4 \
   --out "$json" >"$OUT/gpu_bench.log" 2>&1 || echo "gpu_bench: exit $?" >>"$OUT/gpu_bench.log"
 tail -n 1 "$json" || true
 if [[ ${#DRY[@]} -eq 0 ]]; then mkdir -p benchmarks/results && cp "$json" benchmarks/results/; fi

@@ -28,7 +28,10 @@ the largest-batch search capped at 4, 2 timed steps, compile with the ``eager`` 
 dynamo's tracing without code generation, the shipped small face critic for EmoNet). The
 ``fast`` variant decodes its recipe's fixed count per micro-batch (capped by the batch), at
 every batch size. ``--profile VARIANT`` adds the ops with the most device time in one of its
-micro-steps (``profile`` in the JSON).
+micro-steps (``profile`` in the JSON). ``--sdxl-variants`` adds, after everything else, those
+variants on SDXL-base's shapes at 1024 px (``train_step.SDXL_BASE_UNET``: two text encoders,
+``text_time``; bf16, random weights) at each of ``--sdxl-batches`` (rows with ``arch: sdxl``;
+the dry run: tiny-xl at 64 px).
 """
 
 from __future__ import annotations
@@ -110,7 +113,14 @@ def largest_batch(bench: Bench, variant: Variant, start: int, cap: int) -> int:
     return good
 
 
-def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float | None) -> dict:
+def measure(
+    bench: Bench,
+    variant: Variant,
+    batch: int,
+    steps: int,
+    peak: float | None,
+    counted: bool = True,
+) -> dict:
     """Warm up (compiling, when on), then time ``steps`` micro-steps."""
     device, variant.batch = bench.device, batch
     start = time.perf_counter()
@@ -128,7 +138,7 @@ def measure(bench: Bench, variant: Variant, batch: int, steps: int, peak: float 
     bench.optimizer.zero_grad(set_to_none=False)
     step_s = statistics.median(times)
     rate = batch / step_s
-    flops = tflop_per_sample(variant)
+    flops = tflop_per_sample(variant) if counted else None  # counted for SD 1.5 at 512 px
     return dict(
         samples_per_s=round(rate, 2),
         step_s=round(step_s, 4),
@@ -196,6 +206,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=330.0, help="skip what starts later")
     p.add_argument("--peak-tflops", type=float, default=None, help="default: by GPU name")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument(
+        "--sdxl-variants",
+        default="",
+        help="after everything else: these also on SDXL-base shapes at 1024 px (dry run: "
+        "tiny-xl at 64 px), at each --sdxl-batches",
+    )
+    p.add_argument("--sdxl-batches", default="1,2,4")
     p.add_argument(
         "--memory-gb",
         type=float,
@@ -290,8 +307,73 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 v.losses.set_compiled(False)
                 save()
+        sdxl_names = [n for n in args.sdxl_variants.split(",") if n]
+        if sdxl_names:
+            bench = variants = plan = v = None  # SD 1.5's weights leave before SDXL's
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batches = [int(b) for b in args.sdxl_batches.split(",") if b]
+            sdxl_rows(result, args, t_start, device, dtype, peak, sdxl_names, batches, taesd, extra)
+            save()
     print(save(), flush=True)
     return result
+
+
+def sdxl_rows(
+    result: dict,
+    args: argparse.Namespace,
+    t_start: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    peak: float | None,
+    names: list[str],
+    batches: list[int],
+    taesd: str,
+    extra: list[str] | None,
+) -> None:
+    """SDXL-base's shapes (random weights, both text encoders, ``text_time`` added
+    conditions) at 1024 px, eager, each variant at each batch; rows carry ``arch: sdxl``. A
+    batch that runs out of memory is recorded in ``skipped`` and the larger ones are not
+    tried. The dry run: tiny-xl at 64 px. Rows report no MFU: their FLOPs are not counted."""
+    from train_step import ARCHS
+
+    dry = device.type == "cpu"
+    arch, resolution = ("tiny-xl", 64) if dry else ("sdxl", 1024)
+    skipped, rows = result["skipped"], result["rows"]
+    if time.perf_counter() - t_start > args.budget_s:
+        skipped.append(f"sdxl {','.join(names)}: over the time budget")
+        return
+    start = time.perf_counter()
+    parts = ARCHS[arch]() if dry else ARCHS[arch](device)
+    bench = Bench(parts, device, dtype, resolution)
+    result["sdxl"] = dict(
+        arch=arch, resolution=resolution, build_s=round(time.perf_counter() - start, 1)
+    )
+    steps = 2 if dry else args.steps
+    for name in names:
+        variant = Variant(name, *variant_config(name, batches[0], taesd, extra))
+        bench.build(variant, batches[0])
+        bench.prepare(variant)
+        for b in batches:
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append(f"sdxl {name} batch {b}: over the time budget")
+                continue
+            try:
+                row = dict(variant=name, arch=arch, resolution=resolution, compile="eager")
+                row.update(batch=b, batch_kind="sdxl")
+                row.update(measure(bench, variant, b, steps, peak, counted=False))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            except torch.OutOfMemoryError:
+                skipped.append(f"sdxl {name} batch {b}: out of memory")
+                bench.optimizer.zero_grad(set_to_none=False)
+                torch.cuda.empty_cache()
+                break
+            except Exception as err:
+                skipped.append(f"sdxl {name} batch {b}: {type(err).__name__}: {err}"[:500])
+                print(skipped[-1], file=sys.stderr, flush=True)
+                break
+        variant.losses = None
 
 
 if __name__ == "__main__":

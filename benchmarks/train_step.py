@@ -8,8 +8,9 @@ UNet, ``diffusion_loss`` + ``PixelLosses``, backward, fused AdamW on the Control
 gradient checkpointing on UNet and ControlNet; the trainer's channels_last (CPU and CUDA) and
 TF32 (CUDA), and ``Bench.set_compiled`` for ``train.compile`` (used by ``gpu_bench.py``).
 
-Architectures: ``tiny`` (the test model) and ``sd15`` (SD 1.5's UNet/VAE/CLIP-L/ControlNet
-shapes, random weights, built in code: nothing is downloaded). Critics are random too
+Architectures: ``tiny`` (the test model), ``sd15`` (SD 1.5's UNet/VAE/CLIP-L/ControlNet
+shapes, random weights, built in code: nothing is downloaded), ``sdxl`` (SDXL-base's: two
+text encoders, ``text_time`` added conditions, 1024 px) and ``tiny-xl`` (the SDXL test model). Critics are random too
 (EmoNet, LPIPS trunk, TAESD), which changes no cost.
 
 Variants:
@@ -143,7 +144,95 @@ def build_tiny() -> dict:
     return dict(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, scheduler=sd.scheduler)
 
 
-ARCHS = {"sd15": build_sd15, "tiny": build_tiny}
+SDXL_BASE_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the 1280 pooled text
+)
+"""SDXL-base 1.0's UNet config (the keys that differ from diffusers' defaults): 2.57 B params."""
+
+
+def build_sdxl(device: str | torch.device = "cpu") -> dict:
+    """SDXL-base's component shapes with random weights, initialised on ``device`` (a 2.6 B
+    UNet is slow to initialise on a CPU): UNet, VAE (SD's shape, 0.13025 scaling), CLIP-L and
+    OpenCLIP bigG with projection."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_BASE_UNET)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        clip = dict(vocab_size=49408, max_position_embeddings=77)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                **clip,
+            )
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                hidden_act="gelu",
+                projection_dim=1280,
+                **clip,
+            )
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        scheduler=scheduler,
+    )
+
+
+def build_tiny_xl() -> dict:
+    from controlnet_emo.models.sd import load_sd
+
+    sd = load_sd("tiny-xl")
+    return dict(
+        unet=sd.unet,
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        text_encoder_2=sd.text_encoder_2,
+        scheduler=sd.scheduler,
+    )
+
+
+ARCHS = {"sd15": build_sd15, "tiny": build_tiny, "sdxl": build_sdxl, "tiny-xl": build_tiny_xl}
 
 
 def random_taesd(folder: Path) -> str:
@@ -299,8 +388,9 @@ class Bench:
         self.scheduler = parts["scheduler"]
         self.vae, self.unet = parts["vae"], parts["unet"]
         self.text_encoder = parts["text_encoder"]
+        self.text_encoder_2 = parts.get("text_encoder_2")  # SDXL's second encoder
         self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_channels=9)
-        for frozen in (self.vae, self.unet, self.text_encoder):
+        for frozen in (self.vae, self.unet, *self.text_encoders):
             frozen.requires_grad_(False).to(device, dtype)
         self.unet.enable_gradient_checkpointing()
         self.controlnet.to(device).train().enable_gradient_checkpointing()
@@ -311,6 +401,25 @@ class Bench:
         for p in self.controlnet.parameters():  # resident from the start, as after step one
             p.grad = torch.zeros_like(p)
         self.generator = torch.Generator(device).manual_seed(0)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """The UNet's text states and, for SDXL, its ``added_cond_kwargs`` (as the trainer:
+        ``text_cache.encode_captions``, ``controlnet.added_conditions``; time ids of an
+        uncropped square image at the bench's resolution)."""
+        from controlnet_emo.models.controlnet import added_conditions
+        from controlnet_emo.models.text_cache import encode_captions
+
+        if self.text_encoder_2 is None:
+            return self.text_encoder(input_ids)[0], None
+        ids = torch.stack([input_ids, input_ids], dim=1)  # (B,2,77): one row per tokenizer
+        text = encode_captions(self.text_encoders, ids, self.dtype)
+        r = self.resolution
+        time_ids = torch.tensor([r, r, 0, 0, r, r], device=self.device, dtype=self.dtype)
+        return text.hidden, added_conditions(text.pooled, time_ids.expand(len(ids), 6))
 
     def batch(self, b: int) -> dict:
         g, dev, r = self.generator, self.device, self.resolution
@@ -338,7 +447,7 @@ class Bench:
             dist = vae.encode(batch["pixel_values"].to(self.dtype)).latent_dist
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = ((dist.sample(self.generator) - shift) * vae.config.scaling_factor).float()
-            text = self.text_encoder(batch["input_ids"])[0]
+            text, added = self.encode_text(batch["input_ids"])
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         t = torch.randint(
             0, sched.config.num_train_timesteps, (b,), generator=self.generator, device=self.device
@@ -357,6 +466,7 @@ class Bench:
                 t,
                 encoder_hidden_states=text,
                 controlnet_cond=batch["cond"],
+                added_cond_kwargs=added,
                 return_dict=False,
             )
         pred = self.unet(
@@ -365,6 +475,7 @@ class Bench:
             text,
             down_block_additional_residuals=[d.to(self.dtype) for d in down],
             mid_block_additional_residual=mid.to(self.dtype),
+            added_cond_kwargs=added,
         ).sample
         d = cfg.loss.diffusion
         target = diffusion_target(latents, noise, t, sched)
@@ -467,7 +578,7 @@ class Bench:
             self.optimizer_step()
             self._sync()
             optimizer_times.append(time.perf_counter() - start)
-        shared = [self.unet, self.vae, self.text_encoder, self.controlnet]
+        shared = [self.unet, self.vae, *self.text_encoders, self.controlnet]
         for v in variants:
             v.resident_mb = resident_mb([*shared, v.losses], self.optimizer)
         rows = [v.row(statistics.median(optimizer_times)) for v in variants]

@@ -241,3 +241,40 @@ def test_doctor_estimates_sdxl_training_memory_growing_with_resolution(tmp_path)
     )
     ratio = doctor.activation_units(xl_base, 1024) / doctor.activation_units(doctor.SD15_UNET, 512)
     assert ratio == pytest.approx(5.9, abs=0.05)
+
+
+def test_comfyui_verdict_on_sdxl_shapes(xl_run):
+    """SDXL's shape (linear projections, 2048-wide text, ``text_time``) with 64-channel heads
+    and 32 norm groups: ComfyUI's own ``load_controlnet`` built the scaled-down one below from
+    our single file with no missing key and the same residuals as diffusers (3e-7, see
+    docs/export.md); SDXL-base's real shape passes too. 32-channel heads, or the tiny-xl's
+    16 groups and 16-channel heads, do not."""
+    from diffusers import ControlNetModel
+
+    from controlnet_emo.export.formats import comfyui_compatibility
+
+    xl = dict(
+        block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    base = dict(
+        xl,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+    )
+    with torch.device("meta"):
+        assert comfyui_compatibility(ControlNetModel(attention_head_dim=(1, 2), **xl)) is None
+        assert comfyui_compatibility(ControlNetModel(**base)) is None
+        narrow = ControlNetModel(attention_head_dim=(2, 4), **xl)
+    assert "32-channel attention heads" in comfyui_compatibility(narrow)
+    tiny = ControlNetModel.from_pretrained(xl_run / "controlnet")
+    reasons = comfyui_compatibility(tiny)
+    assert "norm_num_groups 16" in reasons and "16-channel attention" in reasons, reasons

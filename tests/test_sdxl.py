@@ -278,3 +278,40 @@ def test_comfyui_verdict_on_sdxl_shapes(xl_run):
     tiny = ControlNetModel.from_pretrained(xl_run / "controlnet")
     reasons = comfyui_compatibility(tiny)
     assert "norm_num_groups 16" in reasons and "16-channel attention" in reasons, reasons
+
+
+def test_v_prediction_sdxl_trains_with_min_snr(tmp_path, data):
+    """A v-prediction SDXL base (the scheduler's ``prediction_type``, as such bases ship it):
+    the target is the velocity and min-SNR weighs it min(SNR, g) / (SNR + 1); two training
+    steps with min-SNR give finite losses."""
+    from controlnet_emo.training.losses import diffusion_loss, diffusion_target
+
+    folder = tmp_path / "xl_v"
+    shutil.copytree(resolve_pretrained("tiny-xl"), folder)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched_config = json.loads(sched_file.read_text())
+    sched_file.write_text(json.dumps({**sched_config, "prediction_type": "v_prediction"}))
+    scheduler = load_sd(str(folder)).scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+
+    torch.manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 400, 900])
+    target = diffusion_target(latents, noise, t, scheduler)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(target, abar.sqrt() * noise - (1 - abar).sqrt() * latents, atol=1e-6)
+    pred = torch.randn_like(target)
+    snr = (abar / (1 - abar)).flatten()
+    weights = torch.clamp(snr, max=5.0) / (snr + 1)
+    expected = (weights * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+    got = diffusion_loss(pred, target, t, scheduler, "l2", snr_gamma=5.0)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+    out = tmp_path / "run"
+    over = {"model.pretrained": str(folder), "loss.diffusion.snr_gamma": 5.0}
+    over |= {"train.max_steps": 2, "train.checkpoint_every": 2}
+    train(load_config(DEMO_CONFIG, tiny_overrides(out, data, **over)))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss/diffusion"] for r in rows if "loss/diffusion" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses))), rows
+    shutil.rmtree(out)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -315,3 +316,17 @@ def test_v_prediction_sdxl_trains_with_min_snr(tmp_path, data):
     losses = [r["loss/diffusion"] for r in rows if "loss/diffusion" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses))), rows
     shutil.rmtree(out)
+
+
+def test_the_app_draws_from_an_sdxl_run(xl_run, data):
+    """The app goes through the same loading and sampling path: an SDXL run opens in it, its
+    held-out gallery fills, and a face comes back with the critic's reading."""
+    pytest.importorskip("gradio")
+    from controlnet_emo.app.engine import Engine
+
+    engine = Engine(xl_run, critic="demo-critic-eval", device="cpu", data=data)
+    assert type(engine.pipe).__name__ == "MapGuidedControlNetXLPipeline"
+    assert engine.held_out
+    maps, _ = engine.held_out_maps(0)
+    face = engine.draw(maps, engine.held_out[0].prompt, engine.sampling(seed=1, steps=2))
+    assert face.size == (64, 64) and np.asarray(face).std() > 0

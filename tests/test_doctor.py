@@ -191,3 +191,16 @@ def test_doctor_has_help(capsys):
 def test_spread_picks_evenly():
     assert doctor.spread(list(range(10)), 3) == [0, 3, 6]
     assert doctor.spread([1, 2], None) == [1, 2]
+
+
+def test_latent_lpips_needs_no_lpips_trunk():
+    """`loss.lpips.space: latent` reads the decoder's features: doctor must not demand the
+    torchvision trunk that pixel LPIPS loads."""
+    cfg = load_config(
+        DEMO_CONFIG,
+        ["loss.lpips.weight=0.1", "loss.lpips.space=latent", "model.lpips_backbone=pretrained"],
+    )
+    (only,) = doctor.check_lpips(cfg)
+    assert only.status == "ok" and "not needed" in only.detail
+    cfg.loss.lpips.space = "pixel"
+    assert doctor.check_lpips(cfg)[0].detail != only.detail

@@ -352,6 +352,8 @@ def check_lpips(cfg: Config) -> list[Row]:
     name = f"LPIPS-{cfg.model.lpips_net} trunk"
     if cfg.loss.lpips.weight <= 0:
         return [Row("ok", name, "not needed (loss.lpips.weight is 0)")]
+    if cfg.loss.lpips.space == "latent":
+        return [Row("ok", name, "not needed (loss.lpips.space: latent reads the decoder)")]
     backbone = cfg.model.lpips_backbone
     if backbone == "random":
         return [Row("warn", name, "random trunk (model.lpips_backbone=random): LPIPS is noise")]

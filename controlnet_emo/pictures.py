@@ -40,20 +40,19 @@ def to_pil(img: Image.Image | torch.Tensor) -> Image.Image:
 def labelled_grid(rows: Sequence[Sequence[Panel]], min_tile: int = 256) -> Image.Image:
     """Rows of panels, each tile square-resized to max(its size, ``min_tile``); a short row is
     padded with black tiles."""
-    h = max(to_pil(p.image).height for row in rows for p in row)
-    t = max(h, min_tile)
+    images = [[to_pil(p.image) for p in row] for row in rows]
+    t = max(min_tile, *(im.height for row in images for im in row))
     cols = max(len(row) for row in rows)
     tiles = []
-    for row in rows:
-        for p in row:
-            tiles.append(to_pil(p.image).resize((t, t), Image.Resampling.NEAREST))
+    for row in images:
+        tiles += [im.resize((t, t), Image.Resampling.NEAREST) for im in row]
         tiles += [Image.new("RGB", (t, t))] * (cols - len(row))
     sheet = make_image_grid(tiles, rows=len(rows), cols=cols)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=max(10, t // 20))
     for y, row in enumerate(rows):
         for x, p in enumerate(row):
-            src = to_pil(p.image).height
+            src = images[y][x].height
             if p.points is not None:
                 for px, py in ((p.points + 0.5) * t / src - 0.5).tolist():
                     cx, cy = x * t + px, y * t + py

@@ -27,7 +27,7 @@ from conditioners.codes import CodesError, ExpressionMeans, blend_expression, ex
 from conditioners.flame_model import FlameModel, FlameModelError, LandmarkEmbedding
 from conditioners.posed import draw, pose_folder
 from controlnet_emo.config import Config, load_config
-from controlnet_emo.data.dataset import Record, held_out_records
+from controlnet_emo.data.dataset import Record, held_out_records, template_caption
 from controlnet_emo.evaluation.evaluate import SELF_GRADING_WARNING, read_faces
 from controlnet_emo.export.model_info import ModelInfo
 from controlnet_emo.inference.edit import (
@@ -250,7 +250,7 @@ class Engine:
         records = held_out_records(cfg)[:GALLERY_SIZE]
         template = self.cfg.data.caption_template
         return [
-            HeldOut(i, r, self.data, r.text or _caption(template, r.expression))
+            HeldOut(i, r, self.data, r.text or template_caption(template, r.expression))
             for i, r in enumerate(records)
         ]
 
@@ -434,7 +434,7 @@ class Engine:
         for i, word in enumerate(EXPRESSION_WORDS):
             if progress:
                 progress(i / len(EXPRESSION_WORDS), word)
-            faces.append(self.draw(maps, _caption(template, i), s))
+            faces.append(self.draw(maps, template_caption(template, i), s))
         reads = self.read(faces)
         tiles = [
             Panel(f, [f"'{w}'", _short(r)])
@@ -520,11 +520,6 @@ def _tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 def _array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _caption(template: str, expression: int) -> str:
-    word = EXPRESSION_WORDS[expression] if 0 <= expression < len(EXPRESSION_WORDS) else "neutral"
-    return template.format(expression=word)
 
 
 def _short(r: Reading) -> str:

@@ -26,6 +26,13 @@ from controlnet_emo.models.text_cache import tokenize
 log = logging.getLogger(__name__)
 
 
+def template_caption(template: str, expression: int) -> str:
+    """The caption a sample without text gets: its expression word in ``data.caption_template``
+    (an unknown expression reads as neutral)."""
+    word = EXPRESSION_WORDS[expression] if 0 <= expression < len(EXPRESSION_WORDS) else "neutral"
+    return template.format(expression=word)
+
+
 @dataclass(frozen=True)
 class Record:
     file_name: str
@@ -125,10 +132,7 @@ class PreparedDataset(Dataset):
         return len(self.records)
 
     def caption(self, rec: Record) -> str:
-        if rec.text:
-            return rec.text
-        name = EXPRESSION_WORDS[rec.expression] if 0 <= rec.expression < 8 else "neutral"
-        return self.template.format(expression=name)
+        return rec.text or template_caption(self.template, rec.expression)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         index, key = item if isinstance(item, tuple) else (item, item)

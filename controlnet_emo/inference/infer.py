@@ -77,8 +77,8 @@ def load_pipeline(
     from controlnet_emo.models.sd import SINGLE_FILE_SUFFIXES, resolve_pretrained
 
     sampling = sampling or Sampling()
-    set_scheduler(None, sampling.scheduler)  # a typo fails before any model loads
     info = model_info(model)
+    check_sampling(sampling, info)  # a typo fails before any model loads
     base = base or info.base_model
     if not base:
         raise InferenceError(f"{model}: no base model recorded with this ControlNet; pass --base")
@@ -142,14 +142,13 @@ def _load_nets(model: str | Path, info: ModelInfo, dtype: torch.dtype | None) ->
         raise InferenceError(str(err)) from None
 
 
-def set_scheduler(pipe: Any | None, name: str) -> None:
-    """Swap the sampler, keeping the base's noise schedule (``from_config``); with no pipe,
-    only check the name."""
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the sampler, keeping the base's noise schedule (``from_config``)."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise InferenceError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] is not None and pipe is not None:
+    if SCHEDULERS[name] is not None:
         cls = getattr(diffusers, SCHEDULERS[name])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
 

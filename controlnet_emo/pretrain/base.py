@@ -202,26 +202,14 @@ def load_base(spec: str):
 def train_vae(vae, faces: FaceSet, held: FaceSet, stage: VaeStage, seed: int) -> dict:
     """L1 reconstruction + a tiny KL (SD's recipe without the GAN); returns its figures."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=stage.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, stage.learning_rate, total_steps=stage.steps, pct_start=0.05
-    )
-    vae.train()
-    losses = []
-    for _ in tqdm(range(stage.steps), desc="pretrain vae", unit="step"):
-        idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
-        x = faces.float_images(idx) * 2 - 1  # (B,3,R,R) in [-1,1]
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=g)).sample
-        loss = F.l1_loss(recon, x) + stage.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    vae.eval()
-    return {"final_loss": float(np.mean(losses[-50:]))} | vae_figures(vae, held)
+        return F.l1_loss(recon, x) + stage.kl_weight * post.kl().mean()
+
+    final = fit_autoencoder(vae, list(vae.parameters()), faces, stage, g, "pretrain vae", loss_of)
+    return {"final_loss": final} | vae_figures(vae, held)
 
 
 def train_decoder(vae, faces: FaceSet, held: FaceSet, stage: DecoderStage, seed: int) -> dict:
@@ -231,32 +219,42 @@ def train_decoder(vae, faces: FaceSet, held: FaceSet, stage: DecoderStage, seed:
     frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
     for p in frozen:
         p.requires_grad_(False)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        recon = vae.decode(z).sample
+        return F.l1_loss(recon, x) + stage.laplacian_weight * F.l1_loss(
+            laplacian(recon), laplacian(x)
+        )
+
     params = [p for p in vae.parameters() if p.requires_grad]
+    final = fit_autoencoder(vae, params, faces, stage, g, "sharpen decoder", loss_of)
+    for p in frozen:
+        p.requires_grad_(True)
+    return {"final_loss": final} | vae_figures(vae, held)
+
+
+def fit_autoencoder(vae, params: list, faces: FaceSet, stage, g, desc: str, loss_of) -> float:
+    """The autoencoder stages' loop: random batches of faces in [-1,1], AdamW under a
+    one-cycle schedule, gradients clipped at 1; returns the mean loss of the last 50 steps."""
     opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, stage.learning_rate, total_steps=stage.steps, pct_start=0.05
     )
     vae.train()
     losses = []
-    for _ in tqdm(range(stage.steps), desc="sharpen decoder", unit="step"):
+    for _ in tqdm(range(stage.steps), desc=desc, unit="step"):
         idx = torch.randint(len(faces), (stage.batch_size,), generator=g)
-        x = faces.float_images(idx) * 2 - 1  # (B,3,R,R) in [-1,1]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=g)
-        recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + stage.laplacian_weight * F.l1_loss(
-            laplacian(recon), laplacian(x)
-        )
+        loss = loss_of(faces.float_images(idx) * 2 - 1)  # faces (B,3,R,R) in [-1,1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-    for p in frozen:
-        p.requires_grad_(True)
     vae.eval()
-    return {"final_loss": float(np.mean(losses[-50:]))} | vae_figures(vae, held)
+    return float(np.mean(losses[-50:]))
 
 
 @torch.no_grad()
@@ -388,11 +386,12 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
             report["init_from"]["report"] = json.loads(earlier.read_text())
 
     t = time.perf_counter()
+    moments = None  # (N,2C,h,w) of the unscaled latents; the decoder stage leaves them be
     if cfg.vae.steps:
         report["vae"] = train_vae(vae, faces, held, cfg.vae, cfg.seed)
+        moments = encode_moments(vae, faces)
         # SD's convention: latents scaled to unit variance (SD 1.x's 0.18215 was found so).
-        mean = encode_moments(vae, faces).chunk(2, dim=1)[0]
-        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+        vae.register_to_config(scaling_factor=float(1.0 / moments.chunk(2, dim=1)[0].std()))
     if cfg.decoder.steps:  # the encoder, the latents and their scale stay as they are
         report["decoder"] = train_decoder(vae, faces, held, cfg.decoder, cfg.seed)
     timings["vae_s"] = time.perf_counter() - t
@@ -400,9 +399,9 @@ def pretrain_base(cfg: PretrainBaseConfig) -> Path:
 
     t = time.perf_counter()
     if cfg.unet.steps:
-        moments = encode_moments(vae, faces) * scaling  # of the scaled latents, as the UNet sees
-        report["unet"] = train_unet(
-            unet, text_encoder, tokenizer, scheduler, moments, faces, cfg.unet, cfg.seed
+        moments = encode_moments(vae, faces) if moments is None else moments
+        report["unet"] = train_unet(  # the scaled latents' mean and std, as the UNet sees them
+            unet, text_encoder, tokenizer, scheduler, moments * scaling, faces, cfg.unet, cfg.seed
         )
     timings["unet_s"] = time.perf_counter() - t
     report.setdefault("unet", {})["held_out_eps_mse"] = held_out_diffusion_loss(

@@ -360,65 +360,41 @@ class PixelLosses(torch.nn.Module):
         # Frozen parts run in their own dtype, never under the caller's autocast: it would
         # run each GroupNorm in fp32 with a cast each way (and resize in bf16 on the CPU).
         with torch.autocast(model_pred.device.type, enabled=False):
-            return self._terms(
-                noisy_latents,
-                model_pred,
-                timesteps,
-                scheduler,
-                pixel_values,
-                latents,
-                expression,
-                valence,
-                arousal,
-            )
-
-    def _terms(
-        self,
-        noisy_latents: torch.Tensor,
-        model_pred: torch.Tensor,
-        timesteps: torch.Tensor,
-        scheduler,
-        pixel_values: torch.Tensor,
-        latents: torch.Tensor,
-        expression: torch.Tensor,
-        valence: torch.Tensor,
-        arousal: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        b = timesteps.shape[0]
-        gate = self.max_timestep
-        if gate >= scheduler.config.num_train_timesteps:
-            gate = None  # every timestep pays: no need to read the timesteps back
-        pad = (self.samples_per_batch or self.chunk_size or b) if self.compiled else 1
-        index, keep = select_pixel_samples(timesteps, gate, self.samples_per_batch, pad)
-        if index.numel() == 0:  # nobody pays: zeros, still in the graph, NaN-proof
-            none = torch.zeros(1, dtype=torch.bool, device=model_pred.device)
-            zero = masked_mean(model_pred.float().sum().view(1), none)
-            return dict.fromkeys(self.terms, zero)
-        x0 = predict_x0(noisy_latents[index], model_pred[index], timesteps[index], scheduler)
-        real = latents[index].float()
-        with torch.no_grad():
-            reference = None
-            if self.needs_image:
-                if self.decoder.decodes_reference:
-                    reference = self._call("decoder")(self._layout(real, "decoder")).float()
-                else:
-                    reference = pixel_values[index].float()  # (n,3,H,W)
-            goals = self._emotion_goals(
-                reference, expression[index], valence[index], arousal[index]
-            )
-        size = self.chunk_size or x0.shape[0]
-        values = torch.cat(
-            [
-                self._chunk_terms(
-                    x0[s],
-                    real[s],
-                    None if reference is None else reference[s],
-                    *(g if g is None else g[s] for g in goals),
+            b = timesteps.shape[0]
+            gate = self.max_timestep
+            if gate >= scheduler.config.num_train_timesteps:
+                gate = None  # every timestep pays: no need to read the timesteps back
+            pad = (self.samples_per_batch or self.chunk_size or b) if self.compiled else 1
+            index, keep = select_pixel_samples(timesteps, gate, self.samples_per_batch, pad)
+            if index.numel() == 0:  # nobody pays: zeros, still in the graph, NaN-proof
+                none = torch.zeros(1, dtype=torch.bool, device=model_pred.device)
+                zero = masked_mean(model_pred.float().sum().view(1), none)
+                return dict.fromkeys(self.terms, zero)
+            x0 = predict_x0(noisy_latents[index], model_pred[index], timesteps[index], scheduler)
+            real = latents[index].float()
+            with torch.no_grad():
+                reference = None
+                if self.needs_image:
+                    if self.decoder.decodes_reference:
+                        reference = self._call("decoder")(self._layout(real, "decoder")).float()
+                    else:
+                        reference = pixel_values[index].float()  # (n,3,H,W)
+                goals = self._emotion_goals(
+                    reference, expression[index], valence[index], arousal[index]
                 )
-                for s in (slice(i, i + size) for i in range(0, x0.shape[0], size))
-            ]
-        )  # (n, terms)
-        return {name: masked_mean(values[:, j], keep) for j, name in enumerate(self.terms)}
+            size = self.chunk_size or x0.shape[0]
+            values = torch.cat(
+                [
+                    self._chunk_terms(
+                        x0[s],
+                        real[s],
+                        None if reference is None else reference[s],
+                        *(g if g is None else g[s] for g in goals),
+                    )
+                    for s in (slice(i, i + size) for i in range(0, x0.shape[0], size))
+                ]
+            )  # (n, terms)
+            return {name: masked_mean(values[:, j], keep) for j, name in enumerate(self.terms)}
 
     def _layout(self, x: torch.Tensor, part: str) -> torch.Tensor:
         """``x`` in the memory layout chosen for ``part`` ('decoder' or 'critics')."""

@@ -58,6 +58,7 @@ import time
 import types
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlnet_emo.config import RECIPES, Config, load_config  # noqa: E402
 from controlnet_emo.models.fast_paths import use_fast_paths  # noqa: E402
+from controlnet_emo.models.tiny import sd_training_scheduler  # noqa: E402
 from controlnet_emo.training.losses import PixelLosses, diffusion_loss, diffusion_target  # noqa: E402
 
 VARIANTS = (
@@ -99,49 +101,49 @@ _RANDOM_CRITICS = ["model.emonet=random", "model.lpips_backbone=random"]
 # --- models ----------------------------------------------------------------------------------
 
 
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
+"""SD's VAE (84 M parameters); SDXL's has the same shape."""
+
+CLIP_L = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+"""CLIP ViT-L/14's text encoder (123 M): SD 1.5's, and SDXL's first."""
+
+
 def build_sd15() -> dict:
     """SD 1.5's component shapes with random weights (UNet 860M, VAE 84M, CLIP-L text 123M)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults are SD1.5's
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-    )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+    vae = AutoencoderKL(**SD_VAE, sample_size=512, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=sd_training_scheduler())
 
 
-def build_tiny() -> dict:
+def build_shipped(name: str) -> dict:
+    """A tiny base built in code (``tiny``, ``tiny-xl``), loaded as a hub folder is."""
     from controlnet_emo.models.sd import load_sd
 
-    sd = load_sd("tiny")
-    return dict(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, scheduler=sd.scheduler)
+    sd = load_sd(name)
+    parts = dict(unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder, scheduler=sd.scheduler)
+    if sd.text_encoder_2 is not None:
+        parts["text_encoder_2"] = sd.text_encoder_2
+    return parts
 
 
 SDXL_BASE_UNET = dict(
@@ -164,75 +166,41 @@ def build_sdxl(device: str | torch.device = "cpu") -> dict:
     """SDXL-base's component shapes with random weights, initialised on ``device`` (a 2.6 B
     UNet is slow to initialise on a CPU): UNet, VAE (SD's shape, 0.13025 scaling), CLIP-L and
     OpenCLIP bigG with projection."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**SDXL_BASE_UNET)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
-        clip = dict(vocab_size=49408, max_position_embeddings=77)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                **clip,
-            )
-        )
+        vae = AutoencoderKL(**SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         text_encoder_2 = CLIPTextModelWithProjection(
             CLIPTextConfig(
+                vocab_size=49408,
+                max_position_embeddings=77,
                 hidden_size=1280,
                 intermediate_size=5120,
                 num_hidden_layers=32,
                 num_attention_heads=20,
                 hidden_act="gelu",
                 projection_dim=1280,
-                **clip,
             )
         )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-    )
     return dict(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        scheduler=scheduler,
+        scheduler=sd_training_scheduler(),
     )
 
 
-def build_tiny_xl() -> dict:
-    from controlnet_emo.models.sd import load_sd
-
-    sd = load_sd("tiny-xl")
-    return dict(
-        unet=sd.unet,
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        text_encoder_2=sd.text_encoder_2,
-        scheduler=sd.scheduler,
-    )
-
-
-ARCHS = {"sd15": build_sd15, "tiny": build_tiny, "sdxl": build_sdxl, "tiny-xl": build_tiny_xl}
+ARCHS = {
+    "sd15": build_sd15,
+    "tiny": partial(build_shipped, "tiny"),
+    "sdxl": build_sdxl,
+    "tiny-xl": partial(build_shipped, "tiny-xl"),
+}
 
 
 def random_taesd(folder: Path) -> str:

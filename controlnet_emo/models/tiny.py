@@ -8,6 +8,9 @@ It is saved as an ordinary diffusers pipeline folder and loaded back through the
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,6 +70,37 @@ def sd_training_scheduler():
     )
 
 
+def tiny_vae(**config):
+    """The tiny VAE both tiny pipelines share: SD's 8x downsampling and 4 latent channels at
+    test size; ``config`` adds to it (SDXL's scaling factor and fp32 upcast)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=128,
+        **config,
+    )
+
+
+@contextmanager
+def tokenizer_source(folder: Path) -> Iterator[Path]:
+    """A scratch folder inside ``folder`` with the tiny tokenizer's files, removed once the
+    pipeline (which saves its own copy) is written."""
+    tok_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tok_dir)
+    try:
+        yield tok_dir
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+
+
 def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A StableDiffusionPipeline of parts built in code (no safety checker, as SD folders
     saved for training ship)."""
@@ -86,7 +120,7 @@ def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random SD pipeline folder (model_index.json + components)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -103,17 +137,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=128,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=1000,
@@ -127,18 +151,14 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
             pad_token_id=1,
         )
     )
-    tok_dir = folder / "_tokenizer_src"
-    write_tiny_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    text_encoder.config.bos_token_id = tokenizer.bos_token_id
-    text_encoder.config.eos_token_id = tokenizer.eos_token_id
-    text_encoder.config.pad_token_id = tokenizer.pad_token_id
-    pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, sd_training_scheduler())
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
+    with tokenizer_source(folder) as tok_dir:
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.config.bos_token_id = tokenizer.bos_token_id
+        text_encoder.config.eos_token_id = tokenizer.eos_token_id
+        text_encoder.config.pad_token_id = tokenizer.pad_token_id
+        pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, sd_training_scheduler())
+        pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -167,7 +187,7 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     Why its own model: the SD 1.5 tiny cannot exercise SDXL's added conditions, its two
     tokenizers or the ``label_emb`` keys of an SDXL ControlNet's single file.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -195,44 +215,28 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=6 * time_dim + pooled,  # time ids + text_embeds
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=128,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-    tok_dir = folder / "_tokenizer_src"
-    write_tiny_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    # SDXL's second tokenizer (OpenCLIP's) pads with "!" rather than the end token
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token="!")
-    encoders = []
-    for cls in (CLIPTextModel, CLIPTextModelWithProjection):
-        enc = cls(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=hidden,
-                intermediate_size=64,
-                num_hidden_layers=3,  # the penultimate layer is what SDXL reads
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=pooled,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    with tokenizer_source(folder) as tok_dir:
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+        # SDXL's second tokenizer (OpenCLIP's) pads with "!" rather than the end token
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token="!")
+        encoders = []
+        for cls in (CLIPTextModel, CLIPTextModelWithProjection):
+            enc = cls(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    hidden_size=hidden,
+                    intermediate_size=64,
+                    num_hidden_layers=3,  # the penultimate layer is what SDXL reads
+                    num_attention_heads=4,
+                    max_position_embeddings=77,
+                    projection_dim=pooled,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             )
-        )
-        encoders.append(enc)
-    pipe = sdxl_pipeline(vae, *encoders, tokenizer, tokenizer_2, unet, sd_training_scheduler())
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
+            encoders.append(enc)
+        pipe = sdxl_pipeline(vae, *encoders, tokenizer, tokenizer_2, unet, sd_training_scheduler())
+        pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -60,7 +60,7 @@ def sample_timesteps(n: int, t_max: int, how: str, generator: torch.Generator) -
 def encode_latents(
     sd: SDComponents, batch: Batch, generator: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Scaled SD latents (B,4,H/8,W/8) with the VAE's own constants; cached moments if any.
+    """Scaled SD latents (B,C,H/f,W/f) with the VAE's own constants; cached moments if any.
     The VAE runs in its own dtype (``vae_dtype``: never SDXL's in fp16)."""
     if batch.latent_moments is not None:
         mean, std = batch.latent_moments.chunk(2, dim=1)

@@ -140,7 +140,7 @@ def test_a_run_whose_first_steps_have_no_active_term_is_refused(tmp_path, capsys
     it would have nothing to backpropagate. Refused by name before anything loads."""
     from controlnet_emo.cli.main import main
 
-    off = ["loss.diffusion.weight=0", "loss.pixel.start_step=500"]
+    off = ["loss.diffusion.weight=0", "loss.landmarks.weight=0.1", "loss.pixel.start_step=500"]
     with pytest.raises(ConfigError, match=r"loss\.diffusion\.weight.*loss\.pixel\.start_step"):
         load_config("demo", off)
     out = tmp_path / "run"
@@ -150,8 +150,11 @@ def test_a_run_whose_first_steps_have_no_active_term_is_refused(tmp_path, capsys
     assert "loss.diffusion.weight" in err and "loss.pixel.start_step" in err
     assert len(err.splitlines()) == 1 and not out.exists()
     # either term scheduled from step 0 is a run that trains
-    load_config("demo", ["loss.diffusion.weight=0", "loss.pixel.start_step=0"])
-    load_config("demo", ["loss.pixel.start_step=500"])
+    load_config("demo", ["loss.diffusion.weight=0", "loss.landmarks.weight=0.1"])
+    load_config("demo", ["loss.landmarks.weight=0.1", "loss.pixel.start_step=500"])
+    # and a run with every term off has nothing to train at all
+    with pytest.raises(ConfigError, match="every term has weight 0"):
+        load_config("demo", ["loss.diffusion.weight=0"])
 
 
 def test_recipes_are_usable_by_name_from_any_folder(tmp_path, monkeypatch):

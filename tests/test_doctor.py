@@ -12,9 +12,11 @@ from tests.conftest import DEMO_CONFIG, write_prepared
 
 
 def run_doctor(capsys, tmp_path, data, *extra):
-    """Exit code and stdout of `doctor` on configs/demo.yaml (shipped base and critic)."""
+    """Exit code and stdout of `doctor` on configs/demo.yaml (shipped base and critic) with
+    its landmark term on, so that the training critic is needed."""
     args = ["doctor", "--config", str(DEMO_CONFIG), "--num-processes", "1"]
     args += ["--set", f"data.root={data}", "--set", f"output_dir={tmp_path / 'run'}"]
+    args += ["--set", "loss.landmarks.weight=0.1"]
     code = main([*args, *extra])
     return code, capsys.readouterr().out
 

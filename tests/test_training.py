@@ -351,7 +351,7 @@ def test_recipes_train_a_few_steps_with_tiny_models(tmp_path, prepared, recipe):
         "model.lpips_backbone": "random",
         "train.mixed_precision": "no",
         "train.max_steps": 2,
-        "loss.pixel.start_step": 0,  # demo.yaml holds its pixel terms back for 500 steps
+        "loss.pixel.start_step": 0,  # a recipe may hold its pixel terms back
     }
     cfg = load_config(
         DEMO_CONFIG.parent / recipe, tiny_overrides(out, prepared, keep_losses=True, **stand_ins)

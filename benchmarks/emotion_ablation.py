@@ -1,22 +1,20 @@
 """The research's ablation in miniature: does the emotion loss make faces carry their emotion?
-
-Three ControlNets on the shipped demo base (``demo-face-base``) and one synthetic dataset,
-identical but for the loss:
-
-  diffusion        the diffusion term alone
+ControlNets on the shipped demo base (``demo-face-base``) and one synthetic dataset, trained
+with ``demo.yaml``'s recipe (the diffusion term alone) plus the critic-read terms at the
+weights the demo used until 70e4698 (a tenth of the research's), which join halfway through
+the steps on two decoded samples per batch:
+  diffusion        the diffusion term alone (configs/demo.yaml)
   +emotion         plus valence / arousal / expression read by ``demo-critic-train``
   +emotion+l1      plus pixel L1 on the decoded prediction
-  +emotion+l1+landmarks  plus the landmark term (configs/demo.yaml's recipe)
-  +emotion+l1+balance  the demo's recipe, with the pixel, emotion and landmark terms' pull
-                   on the noise prediction capped at half the diffusion term's
-                   (``loss.pixel.balance``)
-
+  +emotion+l1+landmarks  plus the landmark term
+  +emotion+l1+balance  the last, with the pixel, emotion and landmark terms' pull on the
+                   noise prediction capped at half the diffusion term's (``loss.pixel.balance``)
 each graded by the *held-out* critic (``demo-critic-eval``: another seed, faces and trunk) on
 the same held-out samples and seeds, twice: with the samples' captions (which name the
 expression) and with a prompt that names none, so that the emotion must come from the
 render and the loss. The research reports +8 points top-1 (31 -> 39 %) from its emotion loss.
 
-    python benchmarks/emotion_ablation.py --out runs/ablation   # demo.yaml's 1,000 steps
+    python benchmarks/emotion_ablation.py --out runs/ablation   # demo.yaml's steps
 
 Prints a JSON line per (variant, prompt) and a Markdown table for BENCHMARKS.md; "maps x" is
 the held-out noise-prediction error with another sample's maps over that with the own maps
@@ -39,18 +37,19 @@ from controlnet_emo.config import load_config  # noqa: E402
 from controlnet_emo.evaluation.evaluate import NEUTRAL_PROMPT, evaluate  # noqa: E402
 from controlnet_emo.models.sampling import Sampling  # noqa: E402
 
+EMOTION = [
+    "loss.emotion.valence=0.003",
+    "loss.emotion.arousal=0.003",
+    "loss.emotion.expression=0.002",
+]
+PIXEL_L1 = ["loss.pixel_l1.weight=0.01"]
+LANDMARKS = ["loss.landmarks.weight=0.1"]
 VARIANTS = {
-    "diffusion": [
-        "loss.pixel_l1.weight=0",
-        "loss.emotion.valence=0",
-        "loss.emotion.arousal=0",
-        "loss.emotion.expression=0",
-        "loss.landmarks.weight=0",
-    ],
-    "+emotion": ["loss.pixel_l1.weight=0", "loss.landmarks.weight=0"],
-    "+emotion+l1": ["loss.landmarks.weight=0"],
-    "+emotion+l1+landmarks": [],
-    "+emotion+l1+balance": ["loss.pixel.balance=0.5"],
+    "diffusion": [],
+    "+emotion": EMOTION,
+    "+emotion+l1": EMOTION + PIXEL_L1,
+    "+emotion+l1+landmarks": EMOTION + PIXEL_L1 + LANDMARKS,
+    "+emotion+l1+balance": EMOTION + PIXEL_L1 + LANDMARKS + ["loss.pixel.balance=0.5"],
 }
 COLUMNS = (
     ("top-1", "expression_accuracy"),
@@ -80,6 +79,7 @@ def main() -> None:
 
     data_cfg = load_config(REPO_CONFIGS / "demo.yaml", [f"data.root={args.out / 'data'}"])
     prepare_demo_data(data_cfg, args.out / "raw", n=args.n)
+    steps = args.steps or data_cfg.train.max_steps
     rows = []
     for name in args.variants:
         run = args.out / name.replace("+", "plus_")
@@ -88,9 +88,10 @@ def main() -> None:
             f"data.root={args.out / 'data'}",
             *args.set,
             *VARIANTS[name],
+            f"train.max_steps={steps}",
         ]
-        if args.steps:
-            overrides.append(f"train.max_steps={args.steps}")
+        if VARIANTS[name]:  # the terms join halfway, on two decoded samples per batch
+            overrides += [f"loss.pixel.start_step={steps // 2}", "loss.pixel.samples_per_batch=2"]
         cfg = load_config(REPO_CONFIGS / "demo.yaml", overrides)
         t = time.perf_counter()
         if not (run / "controlnet").is_dir():

@@ -26,12 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from emotion_ablation import VARIANTS  # noqa: E402
 from peer_speed import logged_rate  # noqa: E402
 
 from controlnet_emo.config import RECIPES, load_config  # noqa: E402
 from controlnet_emo.training.loop import train  # noqa: E402
 
-PHASES = {"diffusion": ["loss.pixel.start_step=100000"], "every_term": ["loss.pixel.start_step=0"]}
+PHASES = {  # demo.yaml trains the diffusion term alone; every_term adds the critic-read terms
+    "diffusion": [],
+    "every_term": [
+        *VARIANTS["+emotion+l1+landmarks"],
+        "loss.pixel.start_step=0",
+        "loss.pixel.samples_per_batch=2",
+    ],
+}
 
 
 def rate(data: Path, out: Path, steps: int, overrides: list[str]) -> float:

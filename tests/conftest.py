@@ -74,6 +74,15 @@ def prepared(tmp_path) -> Path:
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+CRITIC_TERMS = {  # the critic-read terms at the weights demo.yaml trained with until 70e4698
+    "loss.pixel_l1.weight": 0.01,
+    "loss.emotion.valence": 0.003,
+    "loss.emotion.arousal": 0.003,
+    "loss.emotion.expression": 0.002,
+    "loss.landmarks.weight": 0.1,
+}
+
+
 def tiny_overrides(out: Path, data: Path, keep_losses: bool = False, **extra) -> list[str]:
     """A fast CPU recipe on top of configs/demo.yaml: the tiny random SD and critic (the
     plumbing tests' models), and, unless ``keep_losses``, only the diffusion term."""

@@ -245,6 +245,9 @@ def test_the_critic_defaults_to_the_one_the_run_did_not_train_against():
     spec, warnings = critic_spec(other, cfg, None)
     assert spec == "demo-critic-train" and "trained against" in warnings[0]
     assert critic_spec(other, cfg, DEMO_CRITIC) == (DEMO_CRITIC, [])
+    for term in ("valence", "arousal", "expression"):  # a run that never read a critic
+        setattr(cfg.loss.emotion, term, 0.0)
+    assert critic_spec(other, cfg, None) == ("demo-critic-train", [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -272,10 +272,21 @@ def test_grading_with_the_training_critic_warns(tmp_path, prepared, capsys):
 
     run_dir, _ = make_run(tmp_path / "run")
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw["model"]["emonet"] = "demo-critic-train"  # what the run trained against
+    raw["model"]["emonet"] = "demo-critic-train"
+    raw["loss"]["diffusion"]["weight"] = 1.0  # the diffusion term alone: no critic was read
+    raw["loss"]["emotion"].update(valence=0.0, arousal=0.0, expression=0.0)
+    raw["loss"]["landmarks"]["weight"] = 0.0
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     args = ["--data", prepared, "--n", 1, "--steps", 1, "--guidance-scale", 1, "--device", "cpu"]
-    assert cli(run_dir, *args, "--no-baseline", "--grid-rows", 0) == 0  # the run's own critic
+    args += ["--no-baseline", "--grid-rows", 0]
+    assert cli(run_dir, *args) == 0  # the run's own model.emonet, which it never trained against
+    m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert not any("trained against" in w for w in m["warnings"])
+
+    raw["loss"]["landmarks"]["weight"] = 0.1  # now the critic's landmarks trained the run
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli(run_dir, *args) == 0
     m = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert any("trained against" in w for w in m["warnings"])
     assert "trained against" in capsys.readouterr().out

@@ -18,11 +18,12 @@ from controlnet_emo.data.dataset import PreparedDataset, read_metadata
 from controlnet_emo.models.sd import ModelLoadError, load_sd, resolve_pretrained
 from controlnet_emo.models.text_cache import encode_captions, tokenize
 from controlnet_emo.training.loop import train
-from tests.conftest import DEMO_CONFIG, tiny_overrides, write_prepared
+from tests.conftest import CRITIC_TERMS, DEMO_CONFIG, tiny_overrides, write_prepared
 
 XL = {"model.pretrained": "tiny-xl"}
 EVERY_TERM = {
     **XL,
+    **CRITIC_TERMS,
     "loss.pixel.start_step": 0,
     "loss.pixel.samples_per_batch": 1,
     "loss.lpips.weight": 0.1,

@@ -14,7 +14,7 @@ from controlnet_emo.models.sd import load_sd
 from controlnet_emo.training import checkpointing
 from controlnet_emo.training.loop import train
 from controlnet_emo.training.step import TrainModels, compute_losses
-from tests.conftest import DEMO_CONFIG, tiny_overrides
+from tests.conftest import CRITIC_TERMS, DEMO_CONFIG, tiny_overrides
 
 
 def run(tmp_path, prepared, name, **extra):
@@ -428,9 +428,8 @@ def test_the_pixel_path_recomputes_in_backward_only_with_gradient_checkpointing(
 
     from controlnet_emo.training.loop import build_models
 
-    overrides = tiny_overrides(
-        tmp_path, prepared, keep_losses=True, **{"train.gradient_checkpointing": checkpointing}
-    )
+    flag = {**CRITIC_TERMS, "train.gradient_checkpointing": checkpointing}
+    overrides = tiny_overrides(tmp_path, prepared, keep_losses=True, **flag)
     models, _, _ = build_models(load_config(DEMO_CONFIG, overrides), Accelerator(cpu=True))
     assert models.pixel_losses.checkpointing == mode
 

@@ -28,7 +28,7 @@ from conditioners.flame_model import FlameModel, FlameModelError, LandmarkEmbedd
 from conditioners.posed import draw, pose_folder
 from controlnet_emo.config import Config, load_config
 from controlnet_emo.data.dataset import Record, held_out_records, template_caption
-from controlnet_emo.evaluation.evaluate import SELF_GRADING_WARNING, read_faces
+from controlnet_emo.evaluation.evaluate import SELF_GRADING_WARNING, grades_itself, read_faces
 from controlnet_emo.export.model_info import ModelInfo
 from controlnet_emo.inference.edit import (
     EXPRESSION_CODES,
@@ -173,7 +173,7 @@ def critic_spec(info: ModelInfo, cfg: Config, given: str | None) -> tuple[str, l
     warnings = []
     if spec == "random":
         warnings.append("the critic has RANDOM weights: its readings are meaningless")
-    elif info.run_dir is not None and spec == cfg.model.emonet:
+    elif grades_itself(spec, cfg, info.run_dir is not None):
         warnings.append(SELF_GRADING_WARNING.format(spec=spec).replace("--emonet", "--critic"))
     return spec, warnings
 

@@ -88,6 +88,12 @@ class EvaluationError(ValueError):
     """A bad input to evaluation, as one line naming the path."""
 
 
+def grades_itself(spec: str, cfg: Config, is_run: bool) -> bool:
+    """Whether critic ``spec`` is the one a training run's critic-read terms pushed against:
+    a run that trained the diffusion term alone (the demo) never saw its ``model.emonet``."""
+    return is_run and spec != "random" and spec == cfg.model.emonet and cfg.loss.needs_critic
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation and reading
 
@@ -246,7 +252,7 @@ def evaluate(
     except ValueError as err:
         raise EvaluationError(f"--emonet {spec}: {err}") from None
     warnings = [RANDOM_WARNING] if spec == "random" else []
-    if spec != "random" and info.run_dir and spec == cfg.model.emonet:
+    if grades_itself(spec, cfg, info.run_dir is not None):
         warnings.append(SELF_GRADING_WARNING.format(spec=spec))
     pipe, info = load_pipeline(run, s, device=device)
     size = resolution or info.resolution

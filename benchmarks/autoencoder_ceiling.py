@@ -12,7 +12,9 @@ On synthetic data it also grades a perfect map-follower: each held-out face draw
 synthetic generator with the same geometry, pose, light and hair colour (all that the maps and
 the caption fix) and the rest of its appearance redrawn (skin tone, lips, hair style, irises,
 background, clothes, texture), alone and through each base's autoencoder. No model can know
-what the maps and caption leave open, so this is the margin the structure measures allow.
+what the maps and caption leave open, so this is what a model that samples faces and follows
+its maps perfectly scores (one that painted the average unknowns could score more, as a blur
+wins on MSE).
 
     python benchmarks/autoencoder_ceiling.py --base demo-face-base --data runs/demo/data
 

@@ -68,14 +68,19 @@ def load_split(data: str, n: int) -> tuple[torch.Tensor, torch.Tensor, list]:
     return targets, renders, records
 
 
-def redrawn_faces(raw: Path, records: list, size: int, draw: int) -> torch.Tensor:
-    """Each record's synthetic face with its open appearance taken from another random face
-    (``draw`` picks which), (N,3,size,size) in [0,1]."""
+def read_truth(raw: Path) -> dict[str, FaceParams]:
+    """Each synthetic face's params by file stem, from the raw folder's ``synth_truth.jsonl``."""
     truth = {}
     with open(raw / "synth_truth.jsonl") as f:
         for line in f:
             row = json.loads(line)
             truth[Path(row["file"]).stem] = FaceParams.from_dict(row["params"])
+    return truth
+
+
+def redrawn_faces(truth: dict, records: list, size: int, draw: int) -> torch.Tensor:
+    """Each record's synthetic face with its open appearance taken from another random face
+    (``draw`` picks which), (N,3,size,size) in [0,1]."""
     faces = []
     for i, record in enumerate(records):
         p = truth[Path(record.file_name).stem]
@@ -88,14 +93,17 @@ def redrawn_faces(raw: Path, records: list, size: int, draw: int) -> torch.Tenso
     return torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2) / 255.0
 
 
-@torch.no_grad()
-def reconstruct(base: str, images: torch.Tensor) -> torch.Tensor:
-    """decode(encode(x).mode) of each image in [0,1]."""
+def load_vae(base: str):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(
+    return AutoencoderKL.from_pretrained(
         f"{resolve_pretrained(base)}/vae", torch_dtype=torch.float32
     )
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """decode(encode(x).mode) of each image in [0,1]."""
     recon = vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample
     return (recon.clamp(-1, 1) + 1) / 2
 
@@ -148,12 +156,14 @@ def main() -> None:
     redrawn = []
     if (raw / "synth_truth.jsonl").is_file():
         size = targets.shape[-1]
-        redrawn = [redrawn_faces(raw, records, size, 1000 + d) for d in range(args.draws)]
+        truth = read_truth(raw)
+        redrawn = [redrawn_faces(truth, records, size, 1000 + d) for d in range(args.draws)]
         row(f"perfect map-follower, appearance redrawn ({args.draws} draws)", redrawn)
     for base in args.base:
-        row(base, [reconstruct(base, targets)])
+        vae = load_vae(base)
+        row(base, [reconstruct(vae, targets)])
         if redrawn:
-            row(f"perfect map-follower through {base}", [reconstruct(base, f) for f in redrawn])
+            row(f"perfect map-follower through {base}", [reconstruct(vae, f) for f in redrawn])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from controlnet_emo.cli.main import main
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import CRITIC_TERMS, DEMO_CONFIG
 
 
 @pytest.mark.slow  # the whole demo: synth, prepare, train, infer, evaluate
@@ -31,9 +31,7 @@ def test_demo_runs_every_stage(tmp_path):
             "--set",
             "train.report_to=none",
             # demo.yaml trains the diffusion term alone; the research-style terms, turned on
-            *("--set", "loss.pixel_l1.weight=0.01"),
-            *("--set", "loss.emotion.expression=0.002"),
-            *("--set", "loss.landmarks.weight=0.1"),
+            *(arg for k, v in CRITIC_TERMS.items() for arg in ("--set", f"{k}={v}")),
         ]
     )
     assert code == 0

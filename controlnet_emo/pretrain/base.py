@@ -116,7 +116,14 @@ def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainB
     head = cfg.model.unet_head_channels
     if head < 1 or any(c % head for c in cfg.model.unet_channels):
         raise ConfigError("model.unet_channels must divide by model.unet_head_channels (>= 1)")
-    for key in ("vae.batch_size", "unet.batch_size", "decoder.batch_size", "decoder.steps"):
+    keys = (
+        "vae.batch_size",
+        "unet.batch_size",
+        "decoder.batch_size",
+        "decoder.steps",
+        "unet.steps",
+    )
+    for key in keys:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < (0 if name == "steps" else 1):
             raise ConfigError(f"{key}: must be >= {0 if name == 'steps' else 1}")
@@ -124,8 +131,6 @@ def load_base_config(path: str | Path | None, overrides: list[str]) -> PretrainB
     # init_from, so the autoencoder can be checked before the long stage.
     if cfg.vae.steps < (0 if cfg.init_from else 1):
         raise ConfigError("vae.steps: must be >= 1 (>= 0 with init_from)")
-    if cfg.unet.steps < 0:
-        raise ConfigError("unet.steps: must be >= 0")
     return cfg
 
 
